@@ -1,0 +1,49 @@
+# Two commands for a newcomer: `make pipeline` and `make test`.
+# Each creates .venv from the committed lock file when it is missing or stale.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+# Keep MLflow/DVC/Jupyter quiet and local.
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
+
+.PHONY: env pipeline test lab lint-nbs export clean-nbs bench help
+
+help:
+	@echo "make pipeline  - run the whole DVC pipeline (dvc repro) on the embedded default"
+	@echo "make test      - export check, clean check, nbdev-test, pytest"
+	@echo "make lab       - JupyterLab with the project's kernel"
+	@echo "make export    - nbdev-export + nbdev-clean after editing notebooks"
+	@echo "make bench     - run every benchmark under benchmarks/"
+
+env: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==0.13.8
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -r requirements.lock
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (mlops-notebooks)" >/dev/null
+	@touch $(STAMP)
+
+pipeline: $(STAMP)
+	$(BIN)/dvc repro
+
+test: $(STAMP)
+	$(BIN)/python -m mlops_notebooks.checks export
+	$(BIN)/python -m mlops_notebooks.checks clean
+	$(BIN)/nbdev-test --n-workers 2
+	$(BIN)/pytest -q tests
+
+export: $(STAMP)
+	$(BIN)/nbdev-export
+	$(BIN)/nbdev-clean
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab --notebook-dir=nbs
+
+bench: $(STAMP)
+	@for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
