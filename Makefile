@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: env pipeline test lab lint-nbs export clean-nbs bench help
+.PHONY: env pipeline test lab export bench lock help
 
 help:
 	@echo "make pipeline  - run the whole DVC pipeline (dvc repro) on the embedded default"
@@ -47,3 +47,7 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	@for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+
+# Regenerate the lock file after changing dependencies in pyproject.toml.
+lock: $(STAMP)
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 --override lock-overrides.txt -o requirements.lock

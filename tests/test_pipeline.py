@@ -1,0 +1,83 @@
+"""End to end: `dvc repro` in a throw-away copy of the project, with small params."""
+import json
+import math
+
+import mlflow
+import yaml
+
+from conftest import copy_project, dvc, merge, write_params
+from mlops_notebooks.artifacts import file_md5
+
+
+def _declared_outputs(project):
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        for key in ("outs", "metrics", "plots"):
+            for entry in stage.get(key, []):
+                yield name, next(iter(entry)) if isinstance(entry, dict) else entry
+
+
+def _locked_hashes(project, prefix="data/"):
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    return {out["path"]: out["md5"] for stage in lock.values() for out in stage.get("outs", [])
+            if out["path"].startswith(prefix)}
+
+
+def test_every_declared_output_is_written(repro_project):
+    missing = [f"{stage}: {path}" for stage, path in _declared_outputs(repro_project)
+               if not (repro_project / path).exists()]
+    assert not missing, missing
+    assert "modified" not in dvc(repro_project, "status").stdout
+
+
+def test_metrics_are_sane(repro_project):
+    metrics = json.loads((repro_project / "reports/metrics.json").read_text())
+    assert all(math.isfinite(value) for value in metrics.values())
+    assert metrics["rows"] > 1000
+    # A gradient-boosting model on the generated claims must beat a constant model clearly, and rank well.
+    assert 0.2 < metrics["d2"] < 1.0, metrics
+    assert 0.3 < metrics["gini"] < 1.0, metrics
+    assert 0.5 < metrics["mean_predicted"] / metrics["mean_actual"] < 1.5, metrics
+
+
+def test_the_mlflow_run_carries_the_lineage(repro_project):
+    run_record = json.loads((repro_project / "models/train_run.json").read_text())
+    mlflow.set_tracking_uri(f"sqlite:///{repro_project}/mlflow.db")
+    run = mlflow.get_run(run_record["run_id"])
+    tags, hashes = run.data.tags, _locked_hashes(repro_project)
+    commit = dvc(repro_project, "version").stdout and __import__("subprocess").run(
+        ["git", "rev-parse", "HEAD"], cwd=repro_project, capture_output=True, text=True).stdout.strip()
+    assert tags["lineage.git_commit"] == commit
+    assert tags["lineage.git_dirty"] == "false", "dvc.lock and outputs must not make the tree count as dirty"
+    assert tags["lineage.data.data/processed/train.parquet"] == hashes["data/processed/train.parquet"]
+    assert tags["lineage.data.data/processed/test.parquet"] == hashes["data/processed/test.parquet"]
+    assert tags["lineage.params.train.max_iter"] == "40"
+    assert tags["lineage.reports"] == "reports/05_train.ipynb,reports/06_evaluate.ipynb"
+    assert run.data.params["train.loss"] == "gamma"
+    assert run.data.metrics["test_d2"] == json.loads((repro_project / "reports/metrics.json").read_text())["d2"]
+    logged = mlflow.get_logged_model(run_record["model_id"])
+    assert logged.source_run_id == run_record["run_id"]
+
+
+def test_a_train_param_reruns_train_and_downstream_only(tmp_path):
+    project = copy_project(tmp_path)
+    dvc(project, "repro")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    write_params(project, merge(params, {"train": {"learning_rate": 0.2}}))
+    status = json.loads(dvc(project, "status", "--json").stdout)
+    assert sorted(status) == ["evaluate", "train"], status
+    output = dvc(project, "repro").stdout
+    ran = {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
+    skipped = {line.split("'")[1] for line in output.splitlines() if line.startswith("Stage '") and "didn't change" in line}
+    assert ran == {"train", "evaluate"}, output
+    assert skipped == {"ingest", "validate", "features"}, output
+
+
+def test_two_fresh_repros_give_the_same_data_and_metrics(repro_project, tmp_path):
+    again = copy_project(tmp_path)
+    dvc(again, "repro")
+    assert _locked_hashes(again) == _locked_hashes(repro_project)
+    assert len(_locked_hashes(again)) == 4
+    assert (json.loads((again / "reports/metrics.json").read_text())
+            == json.loads((repro_project / "reports/metrics.json").read_text()))
+    assert file_md5(again / "data/raw/claims.parquet") == file_md5(repro_project / "data/raw/claims.parquet")
