@@ -53,6 +53,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                           'mlops_notebooks.settings._anchor_sqlite': ( 'settings.html#_anchor_sqlite',
                                                                                        'mlops_notebooks/settings.py'),
                                           'mlops_notebooks.settings._describe': ('settings.html#_describe', 'mlops_notebooks/settings.py'),
+                                          'mlops_notebooks.settings.brief_user_errors': ( 'settings.html#brief_user_errors',
+                                                                                          'mlops_notebooks/settings.py'),
                                           'mlops_notebooks.settings.configure_mlflow': ( 'settings.html#configure_mlflow',
                                                                                          'mlops_notebooks/settings.py'),
                                           'mlops_notebooks.settings.load_settings': ( 'settings.html#load_settings',

@@ -9,7 +9,7 @@ from pydantic import Field
 from .settings import DataError, ParamsError, StageParams
 
 # %% auto #0
-__all__ = ['FeaturesParams', 'split_by_month', 'select_features']
+__all__ = ['CLAIMS_FEATURES', 'FeaturesParams', 'split_by_month', 'select_features']
 
 # %% ../nbs/04_features.ipynb #c004
 class FeaturesParams(StageParams):
@@ -52,3 +52,12 @@ def select_features(claims:pd.DataFrame, params:FeaturesParams) -> pd.DataFrame:
         selected[column] = claims[column].astype("float64")
     selected[params.target] = claims[params.target].astype("float64")
     return selected
+
+# %% ../nbs/04_features.ipynb #c011
+CLAIMS_FEATURES = FeaturesParams(
+    target="ultimate_cost",
+    test_months=3,
+    categorical=["line_of_business", "claim_type", "region"],
+    numeric=["policyholder_age", "claimant_age", "vehicle_age", "sum_insured", "policy_tenure_years",
+             "report_delay_days", "initial_reserve", "injury", "litigation"],
+)

@@ -11,8 +11,8 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 # %% auto #0
-__all__ = ['ENV_PREFIX', 'UserError', 'ParamsError', 'DataError', 'project_root', 'Settings', 'load_settings', 'StageParams',
-           'parse_params', 'configure_mlflow']
+__all__ = ['ENV_PREFIX', 'UserError', 'ParamsError', 'DataError', 'brief_user_errors', 'project_root', 'Settings',
+           'load_settings', 'StageParams', 'parse_params', 'configure_mlflow']
 
 # %% ../nbs/00_settings.ipynb #c005
 class UserError(Exception):
@@ -25,6 +25,22 @@ class DataError(UserError):
     "An input file is missing, unreadable, or its contents break the data contract."
 
 # %% ../nbs/00_settings.ipynb #c007
+def brief_user_errors():
+    "In an IPython kernel, show `UserError`s as one line `Kind: message` instead of a traceback."
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+    def show_briefly(shell, error_type, error, traceback, tb_offset=None):
+        lines = [f"{error_type.__name__}: {error}"]
+        shell._showtraceback(error_type, error, lines)
+        return lines
+    shell.set_custom_exc((UserError,), show_briefly)
+
+# %% ../nbs/00_settings.ipynb #c009
 def project_root(start:Path|str|None=None, # folder to start from; the current directory by default
                 ) -> Path:
     "The nearest folder at or above `start` holding both `params.yaml` and `dvc.yaml`."
@@ -34,7 +50,7 @@ def project_root(start:Path|str|None=None, # folder to start from; the current d
             return folder
     raise UserError(f"no project root (a folder with params.yaml and dvc.yaml) at or above {here}")
 
-# %% ../nbs/00_settings.ipynb #c010
+# %% ../nbs/00_settings.ipynb #c012
 @dataclass(frozen=True)
 class Settings:
     "Where things live. Nothing is re-run when these change."
@@ -81,7 +97,7 @@ def load_settings(root:Path|str|None=None, # project root; found from the curren
     values["tracking_uri"] = _anchor_sqlite(values["tracking_uri"], root)
     return Settings(**values)
 
-# %% ../nbs/00_settings.ipynb #c014
+# %% ../nbs/00_settings.ipynb #c016
 class StageParams(BaseModel, extra="forbid", frozen=True):
     "Base for a stage's `params.yaml` section: unknown keys are errors, values are type-checked."
 
@@ -107,7 +123,7 @@ def parse_params(model:type[StageParams], # the stage's params model
         problems = [_describe(problem, section) for problem in error.errors()]
         raise ParamsError("params.yaml: " + "; ".join(problems)) from None
 
-# %% ../nbs/00_settings.ipynb #c017
+# %% ../nbs/00_settings.ipynb #c019
 def configure_mlflow(settings:Settings, root:Path) -> str:
     "Point MLflow at `settings.tracking_uri`, create the experiment if needed, make it active; return its id."
     import mlflow

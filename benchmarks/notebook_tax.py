@@ -1,0 +1,645 @@
+"""The notebook tax: what running each DVC stage as a papermill notebook costs over a plain script.
+
+Everything runs in throw-away copies of the project under a temporary folder, never in the repo:
+
+1. a cold `dvc repro` of the real pipeline (papermill stages, the repo's params.yaml);
+2. a cold `dvc repro` of the same pipeline with every stage turned into `stage_scripts/<stem>.py`:
+   the injected params, then the notebook's `#| export` and `#| pipeline` cells in order
+   (no parameters cell, no test/example cells); its data outputs must hash the same as in 1.;
+3. `dvc repro` again with nothing changed (the no-op cost);
+4. `log_training_run` against the warm SQLite tracking store the repro created;
+5. a breakdown of the per-stage difference, from papermill's own timings in the executed
+   reports and from one instrumented run of the scripts (per-cell times).
+
+Notebooks and scripts alternate within every repeat, so a busy machine slows both alike;
+figures are medians over repeats. Usage: python benchmarks/notebook_tax.py --repeats 3
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]   # benchmarks/ sits at the project root
+BIN = Path(sys.executable).parent             # the project's venv: dvc, papermill, python
+RESULT = REPO / "benchmarks" / "results" / "notebook_tax.json"
+SCRIPTS_DIR = "stage_scripts"
+TIMED_DIR = "stage_scripts_timed"             # instrumented copies, only for the breakdown
+CELL_TIMES_ENV = "NOTEBOOK_TAX_CELL_TIMES"
+
+# The targets the issue set; repeated in the result file so anyone sees at a glance what holds.
+GOALS = {
+    "ratio": {"max": 1.25},
+    "added_per_stage_s": {"max": 0.7},
+    "noop_repro_s": {"max": 1.0},
+    "mlflow_overhead_per_run_s": {"max": 1.5},
+}
+
+
+# ---------------------------------------------------------------- running commands
+
+def project_env(scripts: bool = False) -> dict:
+    "The environment `make pipeline` gives stage commands: venv first on PATH, no analytics, a git identity."
+    # Drop MLOPS_/MLFLOW_ overrides so each copy's settings.ini (tracking DB inside the copy) applies.
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLOPS_", "MLFLOW_"))}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update({
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "notebook-tax", "GIT_AUTHOR_EMAIL": "notebook-tax@example.com",
+        "GIT_COMMITTER_NAME": "notebook-tax", "GIT_COMMITTER_EMAIL": "notebook-tax@example.com",
+        # the same quieting exports as the Makefile, so we time what `make pipeline` runs
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+    })
+    env.pop("MPLBACKEND", None)
+    if scripts:
+        # A script has no inline backend; Agg never opens a window and renders only on savefig.
+        env["MPLBACKEND"] = "Agg"
+    return env
+
+
+def run(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    "Run a command; on failure raise with its output so the cause is visible."
+    result = subprocess.run(args, cwd=cwd, env=env or project_env(), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed in {cwd} ({result.returncode}):\n"
+                           f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def wall_time(args: list[str], cwd: Path, env: dict | None = None) -> float:
+    "Wall seconds of one command run to completion."
+    started = time.perf_counter()
+    run(args, cwd, env)
+    return time.perf_counter() - started
+
+
+def median(values: list[float]) -> float:
+    return round(statistics.median(values), 3)
+
+
+# ---------------------------------------------------------------- project copies
+
+def snapshot_project(destination: Path) -> Path:
+    "Copy the project's source files (tracked, or untracked but not ignored) once, without dvc.lock."
+    # One snapshot for every repeat: someone may be editing the repo while we measure.
+    listed = run(["git", "-C", str(REPO), "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                 REPO).stdout.split("\0")
+    for relative in filter(None, listed):
+        source = REPO / relative
+        if source.is_file():   # a deleted-but-tracked file is listed too
+            target = destination / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    (destination / "dvc.lock").unlink(missing_ok=True)   # cold: DVC must run every stage
+    return destination
+
+
+def commit_copy(project: Path):
+    "Make the copy its own git repo: DVC and the lineage tags (git commit, dirty) need one."
+    run(["git", "init", "-q"], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "notebook_tax copy"], project)
+
+
+def out_path(entry) -> str:
+    "A dvc.yaml outs/metrics/plots entry is a path or `{path: options}`."
+    return next(iter(entry)) if isinstance(entry, dict) else entry
+
+
+def papermill_paths(cmd: str) -> tuple[str, str, str]:
+    "Input notebook, output report and parameters file of a `papermill IN OUT -f PARAMS` command."
+    tokens = shlex.split(cmd)
+    if tokens[0] != "papermill":
+        raise ValueError(f"not a papermill stage: {cmd}")
+    if any(token in ("-p", "--parameters", "-r", "--parameters_raw", "-y", "--parameters_yaml") for token in tokens):
+        raise ValueError(f"only `-f params.yaml` is reproduced by the script prelude: {cmd}")
+    notebooks = [token for token in tokens if token.endswith(".ipynb")]
+    flag = next(index for index, token in enumerate(tokens) if token in ("-f", "--parameters_file"))
+    return notebooks[0], notebooks[1], tokens[flag + 1]
+
+
+def stage_order(project: Path) -> list[str]:
+    "Stage names in dvc.yaml order (a chain here, so also the order DVC runs them)."
+    return list(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
+
+
+# ---------------------------------------------------------------- notebook -> script
+
+DIRECTIVE = re.compile(r"^#\|\s*([\w-]+)")
+FUTURE = re.compile(r"^from __future__ import .+$", re.MULTILINE)
+
+
+def cell_directives(source: str) -> list[str]:
+    "The nbdev `#| name` directives of a cell."
+    return [match.group(1) for match in map(DIRECTIVE.match, source.splitlines()) if match]
+
+
+def cell_kind(cell: dict) -> str:
+    "parameters / injected / export / pipeline / test (plain code) / directive-only / markdown."
+    if cell["cell_type"] != "code":
+        return "markdown"
+    tags = cell.get("metadata", {}).get("tags", [])
+    if "injected-parameters" in tags:
+        return "injected"
+    if "parameters" in tags:
+        return "parameters"
+    source = "".join(cell["source"])
+    directives = cell_directives(source)
+    if any(name.startswith("export") for name in directives):   # export, exporti, exports
+        return "export"
+    if "pipeline" in directives:
+        return "pipeline"
+    code = [line for line in source.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return "test" if code else "directive-only"   # e.g. `#| default_exp ingest`
+
+
+def stage_cells(notebook: Path) -> list[dict]:
+    "The cells a script keeps: exported functions and stage cells, in notebook order."
+    cells = json.loads(notebook.read_text())["cells"]
+    return [cell for cell in cells if cell_kind(cell) in ("export", "pipeline")]
+
+
+def strip_ipython(source: str) -> tuple[str, int]:
+    "Drop line magics and shell escapes (`%...`, `!...`); count them (the stage cells should have none)."
+    kept, dropped = [], 0
+    for line in source.splitlines():
+        if line.startswith(("%", "!")):
+            dropped += 1
+        else:
+            kept.append(line)
+    return "\n".join(kept), dropped
+
+
+def script_source(notebook: Path, params_file: str, sections: list[str], timed: bool = False) -> tuple[str, int]:
+    "A plain script equivalent to running `notebook` under papermill; optionally with per-cell timing."
+    bodies, dropped, future = [], 0, set()
+    for cell in stage_cells(notebook):
+        body, stripped = strip_ipython("".join(cell["source"]))
+        dropped += stripped
+        # A kernel compiles cell by cell, so `from __future__` may open any cell; a script allows it
+        # only at the top. IPython keeps the flag for later cells, so hoisting changes nothing.
+        future.update(FUTURE.findall(body))
+        bodies.append((cell.get("id", "?"), cell_kind(cell), FUTURE.sub("", body).strip("\n")))
+
+    lines = [f"# Generated by benchmarks/notebook_tax.py from {notebook.parent.name}/{notebook.name}: "
+             "the stage as a plain script.", *sorted(future)]
+    if timed:
+        lines += ["import time as _tax_time", "_tax_marks = [('start', 'start', _tax_time.perf_counter())]"]
+    lines += [
+        "import os as _os",
+        "import sys as _sys",
+        "import yaml as _yaml",
+        "",
+        "# papermill's kernel has the working directory (the project root) on sys.path; a script gets its own",
+        "# folder instead, so put the root first: `mlops_notebooks` then comes from this copy, not the editable install.",
+        "_sys.path.insert(0, _os.getcwd())",
+        "",
+        "class _NoDatesSafeLoader(_yaml.SafeLoader):",
+        "    \"papermill's YAML loader: safe, and dates stay strings.\"",
+        "_NoDatesSafeLoader.yaml_implicit_resolvers = {",
+        "    first: [resolver for resolver in resolvers if resolver[0] != 'tag:yaml.org,2002:timestamp']",
+        "    for first, resolvers in _yaml.SafeLoader.yaml_implicit_resolvers.items()}",
+        "",
+        f"# What `papermill -f {params_file}` injects: one variable per top-level section.",
+        f"with open({params_file!r}) as _handle:",
+        "    _params = _yaml.load(_handle, Loader=_NoDatesSafeLoader)",
+        *[f"{section} = _params[{section!r}]" for section in sections],
+    ]
+    if timed:
+        lines.append("_tax_marks.append(('prelude', 'prelude', _tax_time.perf_counter()))")
+    for cell_id, kind, body in bodies:
+        lines += ["", f"# %% cell {cell_id} ({kind})", body]
+        if timed:
+            lines.append(f"_tax_marks.append(({cell_id!r}, {kind!r}, _tax_time.perf_counter()))")
+    if timed:
+        lines += ["", "import json as _tax_json",
+                  f"with open(_os.environ[{CELL_TIMES_ENV!r}], 'w') as _tax_out:",
+                  "    _tax_json.dump(_tax_marks, _tax_out)"]
+    return "\n".join(lines) + "\n", dropped
+
+
+def convert_to_scripts(project: Path) -> tuple[dict, int]:
+    "Turn every papermill stage of the copy into `python stage_scripts/<stem>.py`; return its sources, magics dropped."
+    dvc_file = project / "dvc.yaml"
+    pipeline = yaml.safe_load(dvc_file.read_text())
+    notebooks, dropped = {}, 0
+    for name, stage in pipeline["stages"].items():
+        notebook, report, params_file = papermill_paths(stage["cmd"])
+        sections = list(yaml.safe_load((project / params_file).read_text()))
+        script = f"{SCRIPTS_DIR}/{Path(notebook).stem}.py"
+        notebooks[name] = {"notebook": notebook, "params_file": params_file}
+        source, stripped = script_source(project / notebook, params_file, sections)
+        dropped += stripped
+        (project / script).parent.mkdir(exist_ok=True)
+        (project / script).write_text(source)
+        # Same params, other deps, outs, metrics and plots; the script replaces the notebook as a dep,
+        # and there is no executed report to keep.
+        stage["cmd"] = f"python {script}"
+        stage["deps"] = [script if dep == notebook else dep for dep in stage["deps"]]
+        stage["outs"] = [entry for entry in stage.get("outs", []) if out_path(entry) != report]
+        if not stage["outs"]:
+            del stage["outs"]   # evaluate's only out was its report
+    dvc_file.write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    return notebooks, dropped
+
+
+def prepare_copy(snapshot: Path, destination: Path, variant: str) -> dict:
+    "A fresh, committed copy of the snapshot, as notebooks (unchanged) or as scripts."
+    shutil.copytree(snapshot, destination, symlinks=True)
+    info = {}
+    if variant == "scripts":
+        info["notebooks"], info["ipython_lines_dropped"] = convert_to_scripts(destination)
+    commit_copy(destination)   # after the conversion, so the scripts are committed like notebooks
+    return info
+
+
+# ---------------------------------------------------------------- dvc repro, timed
+
+RUNNING = re.compile(r"Running stage '([^']+)'")
+
+
+def timed_repro(project: Path, env: dict, log: Path) -> dict:
+    "One whole `dvc repro`: total wall time, and per-stage times from when DVC announces each stage."
+    # Per-stage time = from "Running stage 'x'" to the next announcement (or the end), so it includes
+    # DVC's hashing and caching of that stage's outputs; `startup_s` is DVC's time before the first stage.
+    started = time.perf_counter()
+    marks = []
+    with open(log, "w") as handle:
+        process = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=project, env=env, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for line in process.stdout:
+            now = time.perf_counter() - started
+            handle.write(f"{now:9.3f} {line}")
+            match = RUNNING.search(line)
+            if match:
+                marks.append((match.group(1), now))
+        code = process.wait()
+    total = time.perf_counter() - started
+    if code != 0:
+        raise RuntimeError(f"dvc repro failed in {project} ({code}); last lines of {log}:\n"
+                           + "".join(log.read_text().splitlines(keepends=True)[-40:]))
+    ends = [when for _, when in marks[1:]] + [total]
+    return {"total_s": total, "startup_s": marks[0][1] if marks else total,
+            "stages": {name: end - begin for (name, begin), end in zip(marks, ends)}}
+
+
+def locked_md5s(project: Path) -> dict:
+    "Every output's md5 as recorded in the copy's dvc.lock."
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    return {out["path"]: out["md5"] for stage in lock.values() for out in stage.get("outs", [])}
+
+
+# ---------------------------------------------------------------- breakdown sources
+
+def parse_time(stamp: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(stamp)
+
+
+def has_image(cell: dict) -> bool:
+    return any("image/png" in output.get("data", {}) for output in cell.get("outputs", []))
+
+
+def report_timings(report: Path) -> dict:
+    "Where a papermill run's time went, from the timestamps papermill writes into the executed report."
+    nb = json.loads(report.read_text())
+    meta = nb["metadata"]["papermill"]
+    cells = [cell for cell in nb["cells"] if cell["metadata"].get("papermill", {}).get("start_time")]
+    first, last = cells[0]["metadata"]["papermill"], cells[-1]["metadata"]["papermill"]
+    timings = {
+        "notebook_s": meta["duration"],
+        # nbclient starts the kernel and waits for it between notebook_start and the first cell
+        "kernel_start_s": (parse_time(first["start_time"]) - parse_time(meta["start_time"])).total_seconds(),
+        # after the last cell: a kernel_info request, then kernel shutdown
+        "kernel_shutdown_s": (parse_time(meta["end_time"]) - parse_time(last["end_time"])).total_seconds(),
+        "between_cells_s": 0.0,   # papermill saves the whole notebook after every cell (and before)
+        "cells": {},
+    }
+    for previous, cell in zip(cells, cells[1:]):
+        timings["between_cells_s"] += (parse_time(cell["metadata"]["papermill"]["start_time"])
+                                       - parse_time(previous["metadata"]["papermill"]["end_time"])).total_seconds()
+    kinds = {}
+    for cell in cells:
+        kind = cell_kind(cell)
+        if kind == "pipeline" and has_image(cell):
+            kind = "pipeline_plot"   # inline backend renders the figure to PNG inside the cell's time
+        kinds[kind] = kinds.get(kind, 0.0) + cell["metadata"]["papermill"]["duration"]
+        if cell["cell_type"] == "code":
+            timings["cells"][cell.get("id", "?")] = {"kind": kind, "s": cell["metadata"]["papermill"]["duration"]}
+    timings["kinds"] = kinds
+    timings["code_cells"] = sum(1 for cell in cells if cell["cell_type"] == "code")
+    timings["all_cells"] = len(cells)
+    return timings
+
+
+def save_cost(report: Path, repeats: int = 5) -> float:
+    "Seconds papermill takes to save this executed notebook once (it does so twice per cell)."
+    from papermill.iorw import load_notebook_node, write_ipynb
+    nb = load_notebook_node(str(report))
+    with tempfile.TemporaryDirectory() as scratch:
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            write_ipynb(nb, str(Path(scratch) / report.name))
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def timed_scripts_pass(project: Path, notebooks: dict, order: list[str], env: dict, logs: Path) -> dict:
+    "Run each stage's instrumented script once, in order, outside DVC: per-cell and per-process seconds."
+    pipeline = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    results = {}
+    for name in order:
+        stage = pipeline[name]
+        notebook, params_file = project / notebooks[name]["notebook"], notebooks[name]["params_file"]
+        sections = list(yaml.safe_load((project / params_file).read_text()))
+        timed = project / TIMED_DIR / f"{notebook.stem}.py"
+        timed.parent.mkdir(exist_ok=True)
+        timed.write_text(script_source(notebook, params_file, sections, timed=True)[0])
+        # DVC deletes a stage's outputs before running it; train renames its model dir onto the target.
+        for key in ("outs", "metrics", "plots"):
+            for entry in stage.get(key, []):
+                path = project / out_path(entry)
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+        marks_file = logs / f"cells-{name}.json"
+        started = time.perf_counter()
+        run([sys.executable, str(timed.relative_to(project))], project, {**env, CELL_TIMES_ENV: str(marks_file)})
+        process_s = time.perf_counter() - started
+        marks = json.loads(marks_file.read_text())
+        cells = {cell_id: {"kind": kind, "s": end - begin}
+                 for (_, _, begin), (cell_id, kind, end) in zip(marks, marks[1:])}
+        results[name] = {"process_s": process_s, "in_script_s": marks[-1][2] - marks[0][2], "cells": cells}
+    return results
+
+
+def tool_timings(repeats: int, cwd: Path) -> dict:
+    "Fixed costs, each in fresh processes: interpreter start, imports, the papermill CLI."
+    python = sys.executable
+    def in_process(statement: str) -> float:
+        code = f"import time; t = time.perf_counter(); {statement}; print(time.perf_counter() - t)"
+        return float(run([python, "-c", code], cwd).stdout.strip().splitlines()[-1])
+    return {
+        "python_start_s": median([wall_time([python, "-c", "pass"], cwd) for _ in range(repeats)]),
+        "papermill_import_s": median([in_process("import papermill") for _ in range(repeats)]),
+        "papermill_cli_help_s": median([wall_time([str(BIN / "papermill"), "--help"], cwd) for _ in range(repeats)]),
+        "mlflow_import_s": median([in_process("import mlflow, mlflow.sklearn") for _ in range(repeats)]),
+    }
+
+
+# ---------------------------------------------------------------- MLflow overhead (subprocess)
+
+def probe_mlflow(project: Path, runs: int) -> dict:
+    "Inside a copy after its repro: time `log_training_run` on the default pipeline's fitted model."
+    # Import the copy's package, not the editable install (which points at the repo being edited).
+    sys.path.insert(0, str(project))
+    os.chdir(project)
+    import mlflow  # noqa: F401  (the brief: time runs after `import mlflow`)
+    import mlops_notebooks
+    from mlops_notebooks.artifacts import flatten, lineage_tags, read_parquet
+    from mlops_notebooks.features import FeaturesParams
+    from mlops_notebooks.settings import configure_mlflow, load_settings, parse_params
+    from mlops_notebooks.train import TrainParams, feature_frame, fit_model, log_training_run
+    assert Path(mlops_notebooks.__file__).resolve().is_relative_to(project.resolve()), mlops_notebooks.__file__
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    features = parse_params(FeaturesParams, "features", params["features"])
+    train = parse_params(TrainParams, "train", params["train"])
+    training = read_parquet(project / "data/processed/train.parquet", made_by="features")
+    model = fit_model(training, features, train)
+    inputs = feature_frame(training, features)
+    metrics = {"train_rows": float(len(training)), "fit_seconds": 1.0,
+               "train_mean_cost": float(training[features.target].mean())}
+    stage_params = {"features": features.model_dump(), "train": train.model_dump()}
+    tags = lineage_tags(project, inputs=["data/processed/train.parquet"], params=stage_params,
+                        reports=["reports/05_train.ipynb"])
+    settings = load_settings(project)
+    assert settings.tracking_uri.startswith("sqlite:///") and (project / "mlflow.db").exists(), settings
+    configure_mlflow(settings, project)   # the store exists and is migrated: the repro made it
+
+    def one_run(model_dir: Path | None) -> float:
+        started = time.perf_counter()
+        log_training_run(model, inputs, metrics, flatten(stage_params), tags, model_dir=model_dir)
+        return time.perf_counter() - started
+
+    # The first call also imports mlflow.sklearn and the signature machinery; report it apart.
+    first = one_run(None)
+    logged = [one_run(None) for _ in range(runs)]
+    # What the train stage actually calls: log, and save the model again as the DVC output.
+    with tempfile.TemporaryDirectory(dir=project) as scratch:
+        saved = [one_run(Path(scratch) / f"model-{index}") for index in range(runs)]
+    return {"mlflow_first_run_s": round(first, 3), "mlflow_overhead_per_run_s": median(logged),
+            "mlflow_log_and_save_per_run_s": median(saved), "mlflow_runs": runs}
+
+
+# ---------------------------------------------------------------- the benchmark
+
+def one_variant(snapshot: Path, workdir: Path, variant: str, repeat: int, breakdown: bool) -> dict:
+    "Copy, cold repro, no-op repro, and the breakdown sources of one variant in one repeat."
+    project = workdir / f"{variant}-{repeat}"
+    info = prepare_copy(snapshot, project, variant)
+    env = project_env(scripts=variant == "scripts")
+    cold = timed_repro(project, env, workdir / f"{variant}-{repeat}-cold.log")
+    noop = timed_repro(project, env, workdir / f"{variant}-{repeat}-noop.log")
+    if noop["stages"]:
+        raise RuntimeError(f"the no-op repro re-ran {sorted(noop['stages'])} in {project}")
+    result = {"project": project, "cold": cold, "noop_s": noop["total_s"], "md5": locked_md5s(project), **info}
+    if breakdown and variant == "notebooks":
+        result["reports"] = {}
+        for name in cold["stages"]:
+            stage = yaml.safe_load((project / "dvc.yaml").read_text())["stages"][name]
+            report = project / papermill_paths(stage["cmd"])[1]
+            result["reports"][name] = {**report_timings(report), "save_s": save_cost(report)}
+    if breakdown and variant == "scripts":
+        result["script_cells"] = timed_scripts_pass(project, info["notebooks"], list(cold["stages"]), env, workdir)
+    return result
+
+
+def check_same_results(notebooks: dict, scripts: dict) -> dict:
+    "Same functions, same results: every data output must hash the same; report other outputs too."
+    shared = sorted(set(notebooks["md5"]) & set(scripts["md5"]))
+    data = [path for path in shared if path.startswith("data/")]
+    different = [path for path in data if notebooks["md5"][path] != scripts["md5"][path]]
+    assert data and not different, f"data outputs differ between notebooks and scripts: {different}"
+    # Model folders embed run ids and creation times, so only the data must match; the rest is reported.
+    return {"data_outputs_identical": len(data),
+            "other_outputs_differing": [path for path in shared
+                                        if path not in data and notebooks["md5"][path] != scripts["md5"][path]]}
+
+
+def stage_breakdown(stage: str, runs: list[dict], tools: dict) -> dict:
+    "Decompose the median per-stage (notebook - script) time into measured parts."
+    def med(pick) -> float:
+        return median([pick(run) for run in runs])
+    nb_stage = med(lambda run: run["notebooks"]["cold"]["stages"][stage])
+    sc_stage = med(lambda run: run["scripts"]["cold"]["stages"][stage])
+    report = lambda run: run["notebooks"]["reports"][stage]
+    cells = lambda run: run["scripts"]["script_cells"][stage]
+    def script_kind(run, *kinds) -> float:
+        return sum(cell["s"] for cell in cells(run)["cells"].values() if cell["kind"] in kinds)
+    def notebook_kind(run, *kinds) -> float:
+        return sum(report(run)["kinds"].get(kind, 0.0) for kind in kinds)
+    def plot_cells_in_script(run) -> float:
+        # the same cells that produced an inline PNG in the notebook, as timed in the script
+        plotted = {cell_id for cell_id, cell in report(run)["cells"].items() if cell["kind"] == "pipeline_plot"}
+        return sum(cell["s"] for cell_id, cell in cells(run)["cells"].items() if cell_id in plotted)
+
+    parts = {
+        # papermill process outside its notebook timer (interpreter, `import papermill`, reading,
+        # parameterizing, writing the report, DVC caching the report) minus a script's interpreter + DVC
+        "papermill_process_minus_python_s": med(lambda run: (run["notebooks"]["cold"]["stages"][stage] - report(run)["notebook_s"])
+                                                 - (run["scripts"]["cold"]["stages"][stage] - cells(run)["in_script_s"])),
+        "kernel_start_s": med(lambda run: report(run)["kernel_start_s"]),
+        "kernel_shutdown_s": med(lambda run: report(run)["kernel_shutdown_s"]),
+        # gaps between cells and markdown "cells" are papermill saving the notebook, nothing else
+        "between_cells_and_markdown_s": med(lambda run: report(run)["between_cells_s"] + notebook_kind(run, "markdown")),
+        "test_cells_s": med(lambda run: notebook_kind(run, "test")),
+        "parameter_cells_minus_prelude_s": med(lambda run: notebook_kind(run, "parameters", "injected", "directive-only")
+                                                 - cells(run)["cells"]["prelude"]["s"]),
+        "export_cells_nb_minus_script_s": med(lambda run: notebook_kind(run, "export") - script_kind(run, "export")),
+        "plot_cells_nb_minus_script_s": med(lambda run: notebook_kind(run, "pipeline_plot") - plot_cells_in_script(run)),
+        "other_pipeline_cells_nb_minus_script_s": med(
+            lambda run: notebook_kind(run, "pipeline") - (script_kind(run, "pipeline") - plot_cells_in_script(run))),
+    }
+    return {
+        "notebook_stage_s": nb_stage, "script_stage_s": sc_stage, "added_s": round(nb_stage - sc_stage, 3),
+        "notebook_run_s": med(lambda run: report(run)["notebook_s"]),
+        "script_process_s": med(lambda run: cells(run)["process_s"]),
+        "script_in_process_s": med(lambda run: cells(run)["in_script_s"]),
+        "code_cells": runs[-1]["notebooks"]["reports"][stage]["code_cells"],
+        "all_cells": runs[-1]["notebooks"]["reports"][stage]["all_cells"],
+        "notebook_save_s": round(med(lambda run: report(run)["save_s"]), 4),
+        "parts": parts,
+    }
+
+
+def build_record(args, runs: list[dict], tools: dict, mlflow_figures: dict, checks: list[dict]) -> dict:
+    "The result file's JSON object, figures as medians over repeats."
+    notebooks = [run["notebooks"] for run in runs]
+    scripts = [run["scripts"] for run in runs]
+    stages = list(notebooks[0]["cold"]["stages"])
+    cold_nb = median([run["cold"]["total_s"] for run in notebooks])
+    cold_sc = median([run["cold"]["total_s"] for run in scripts])
+    figures = {
+        "cold_repro_notebooks_s": cold_nb,
+        "cold_repro_scripts_s": cold_sc,
+        "ratio": round(cold_nb / cold_sc, 3),
+        "added_per_stage_s": round((cold_nb - cold_sc) / len(stages), 3),
+        "noop_repro_s": median([run["noop_s"] for run in notebooks]),
+        "noop_repro_scripts_s": median([run["noop_s"] for run in scripts]),
+        "mlflow_overhead_per_run_s": mlflow_figures["mlflow_overhead_per_run_s"],
+        "mlflow_import_s": tools["mlflow_import_s"],
+        "mlflow_first_run_s": mlflow_figures["mlflow_first_run_s"],
+        "mlflow_log_and_save_per_run_s": mlflow_figures["mlflow_log_and_save_per_run_s"],
+        "stages": len(stages),
+        "dvc_startup_s": {variant: median([run["cold"]["startup_s"] for run in group])
+                          for variant, group in (("notebooks", notebooks), ("scripts", scripts))},
+        "stage_s": {variant: {stage: median([run["cold"]["stages"][stage] for run in group]) for stage in stages}
+                    for variant, group in (("notebooks", notebooks), ("scripts", scripts))},
+        "cold_repro_runs_s": {"notebooks": [round(run["cold"]["total_s"], 3) for run in notebooks],
+                              "scripts": [round(run["cold"]["total_s"], 3) for run in scripts]},
+        "fixed_costs": tools,
+        "same_results": checks[-1],
+        "ipython_lines_dropped": scripts[0].get("ipython_lines_dropped", 0),
+    }
+    if "reports" in notebooks[0]:
+        figures["breakdown_per_stage"] = {stage: stage_breakdown(stage, runs, tools) for stage in stages}
+    command = f"python benchmarks/notebook_tax.py --repeats {args.repeats}"
+    if args.no_breakdown:
+        command += " --no-breakdown"
+    return {"benchmark": "notebook_tax", "date": datetime.date.today().isoformat(),
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+            "command": command, "figures": figures, "goals": GOALS}
+
+
+def print_table(record: dict):
+    "A short human-readable summary, goals alongside."
+    figures, goals = record["figures"], record["goals"]
+    print(f"\nnotebook_tax  ({record['date']}, {record['machine']['cpus']} cpus, {record['command']})")
+    for name in ("cold_repro_notebooks_s", "cold_repro_scripts_s", "ratio", "added_per_stage_s", "noop_repro_s",
+                 "mlflow_overhead_per_run_s", "mlflow_import_s"):
+        goal = goals.get(name)
+        verdict = "" if goal is None else f"  goal <= {goal['max']}: {'ok' if figures[name] <= goal['max'] else 'MISSED'}"
+        print(f"  {name:28s} {figures[name]:8.3f}{verdict}")
+    print(f"\n  {'stage':10s} {'notebook':>9s} {'script':>9s} {'added':>8s}")
+    for stage, seconds in figures["stage_s"]["notebooks"].items():
+        script = figures["stage_s"]["scripts"][stage]
+        print(f"  {stage:10s} {seconds:9.2f} {script:9.2f} {seconds - script:8.2f}")
+    if "breakdown_per_stage" in figures:
+        parts = list(next(iter(figures["breakdown_per_stage"].values()))["parts"])
+        stages = list(figures["breakdown_per_stage"])
+        print(f"\n  where the added seconds go (medians){'':4s}" + "".join(f"{stage:>10s}" for stage in stages))
+        for part in ["added_s", *parts]:
+            values = [figures["breakdown_per_stage"][stage]["parts"].get(part, figures["breakdown_per_stage"][stage].get(part))
+                      for stage in stages]
+            print(f"  {part:40s}" + "".join(f"{value:10.2f}" for value in values))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3, help="cold repros per variant (alternating); medians")
+    parser.add_argument("--mlflow-runs", type=int, default=5, help="log_training_run calls to take the median of")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the per-cell breakdown (one script pass less)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary copies and logs, print where")
+    parser.add_argument("--probe-mlflow", type=Path, help=argparse.SUPPRESS)   # internal: run inside a copy
+    args = parser.parse_args()
+
+    if args.probe_mlflow:
+        print(json.dumps(probe_mlflow(args.probe_mlflow.resolve(), args.mlflow_runs)))
+        return
+
+    workdir = Path(tempfile.mkdtemp(prefix="notebook_tax."))
+    try:
+        snapshot = snapshot_project(workdir / "snapshot")
+        runs, checks = [], []
+        for repeat in range(args.repeats):
+            # Alternate which variant goes first, so drift in machine load hits both sides alike.
+            order = ("notebooks", "scripts") if repeat % 2 == 0 else ("scripts", "notebooks")
+            results = {}
+            for variant in order:
+                print(f"repeat {repeat + 1}/{args.repeats}: {variant} ...", flush=True)
+                results[variant] = one_variant(snapshot, workdir, variant, repeat, not args.no_breakdown)
+                print(f"  cold {results[variant]['cold']['total_s']:.1f}s, no-op {results[variant]['noop_s']:.2f}s",
+                      flush=True)
+            checks.append(check_same_results(results["notebooks"], results["scripts"]))
+            runs.append(results)
+            if repeat < args.repeats - 1 and not args.keep:
+                for result in results.values():   # keep the disk tidy; the last pair serves the probes
+                    shutil.rmtree(result["project"])
+
+        print("mlflow and fixed-cost probes ...", flush=True)
+        last_notebooks = runs[-1]["notebooks"]["project"]
+        probe = run([sys.executable, str(Path(__file__).resolve()), "--probe-mlflow", str(last_notebooks),
+                     "--mlflow-runs", str(args.mlflow_runs)], last_notebooks)
+        mlflow_figures = json.loads(probe.stdout.strip().splitlines()[-1])
+        tools = tool_timings(5, workdir)
+
+        record = build_record(args, runs, tools, mlflow_figures, checks)
+        RESULT.parent.mkdir(parents=True, exist_ok=True)
+        RESULT.write_text(json.dumps(record, indent=2) + "\n")
+        print_table(record)
+        print(f"\nwrote {RESULT.relative_to(REPO)}")
+    finally:
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
