@@ -8,10 +8,11 @@ import pandas as pd
 from pydantic import Field
 from sklearn.metrics import d2_tweedie_score, mean_absolute_error, mean_squared_error, mean_tweedie_deviance, r2_score
 
-from .settings import StageParams
+from .settings import DataError, StageParams
 
 # %% auto #0
-__all__ = ['TWEEDIE_POWER', 'EvaluateParams', 'lorenz_curve', 'gini', 'cost_metrics', 'error_by_month', 'feature_importance']
+__all__ = ['TWEEDIE_POWER', 'METRIC_DIRECTIONS', 'EvaluateParams', 'lorenz_curve', 'gini', 'cost_metrics', 'error_by_month',
+           'feature_importance']
 
 # %% ../nbs/06_evaluate.ipynb #c004
 class EvaluateParams(StageParams):
@@ -22,6 +23,9 @@ class EvaluateParams(StageParams):
 
 # %% ../nbs/06_evaluate.ipynb #c006
 TWEEDIE_POWER = {"squared_error": 0.0, "poisson": 1.0, "gamma": 2.0}
+# Which way is better, for each metric `cost_metrics` reports (the registry gate compares models with these).
+METRIC_DIRECTIONS = {"r2": "higher", "d2": "higher", "gini": "higher",
+                     "mae": "lower", "rmse": "lower", "mean_deviance": "lower"}
 
 def lorenz_curve(actual:np.ndarray, predicted:np.ndarray, weight:np.ndarray|None=None) -> tuple[np.ndarray, np.ndarray]:
     "Cumulative share of weight (x) and of actual cost (y), claims ordered by predicted cost, lowest first."
@@ -43,6 +47,14 @@ def cost_metrics(actual:np.ndarray,     # observed costs
                 ) -> dict:
     "R², MAE, RMSE, mean deviance and D² of the loss, and Gini, weighted when weights are given."
     power = TWEEDIE_POWER[loss]
+    predicted = np.asarray(predicted, dtype=float)
+    if not np.isfinite(predicted).all():
+        bad = int((~np.isfinite(predicted)).sum())
+        raise DataError(f"{bad} of {len(predicted)} predictions are not finite: the model diverged "
+                        "(lower train.learning_rate or change train.loss)")
+    if power > 0 and (predicted <= 0).any():
+        raise DataError(f"{int((predicted <= 0).sum())} predictions are not positive; the {loss} deviance needs "
+                        "positive predictions (use train.loss: squared_error, or a log-link loss)")
     return {
         "r2": float(r2_score(actual, predicted, sample_weight=weight)),
         "mae": float(mean_absolute_error(actual, predicted, sample_weight=weight)),

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 # %% auto #0
 __all__ = ['ENV_PREFIX', 'UserError', 'ParamsError', 'DataError', 'brief_user_errors', 'project_root', 'Settings',
-           'load_settings', 'StageParams', 'parse_params', 'configure_mlflow']
+           'load_settings', 'StageParams', 'parse_params', 'check_tracking_reachable', 'configure_mlflow']
 
 # %% ../nbs/00_settings.ipynb #c005
 class UserError(Exception):
@@ -108,7 +108,8 @@ def _describe(error:dict, section:str) -> str:
         return f"{where}: unknown key"
     if error["type"] == "missing":
         return f"{where}: missing key"
-    return f"{where}: {error['msg'].lower()} (got {error.get('input')!r})"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{where}: {message[0].lower()}{message[1:]} (got {error.get('input')!r})"
 
 def parse_params(model:type[StageParams], # the stage's params model
                  section:str,             # its section name in params.yaml
@@ -124,20 +125,37 @@ def parse_params(model:type[StageParams], # the stage's params model
         raise ParamsError("params.yaml: " + "; ".join(problems)) from None
 
 # %% ../nbs/00_settings.ipynb #c019
+def check_tracking_reachable(tracking_uri:str, timeout:float=5.0):
+    "For a tracking server URI, fail fast with one message when it does not answer (MLflow itself retries for minutes)."
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    import requests
+    try:
+        requests.get(tracking_uri.rstrip("/") + "/health", timeout=timeout)
+    except requests.RequestException as error:
+        raise UserError(f"settings.ini tracking_uri: the MLflow tracking server at {tracking_uri} is unreachable "
+                        f"({type(error).__name__})") from None
+
+def _store_lock(tracking_uri:str):
+    "A lock beside a SQLite store (two processes creating its tables at once collide); no lock otherwise."
+    from contextlib import nullcontext
+    from filelock import FileLock
+    if tracking_uri.startswith("sqlite:///"):
+        return FileLock(tracking_uri[len("sqlite:///"):] + ".init.lock", timeout=300)
+    return nullcontext()
+
 def configure_mlflow(settings:Settings, root:Path) -> str:
     "Point MLflow at `settings.tracking_uri`, create the experiment if needed, make it active; return its id."
     import mlflow
+    check_tracking_reachable(settings.tracking_uri)
     mlflow.set_tracking_uri(settings.tracking_uri)
-    experiment = mlflow.get_experiment_by_name(settings.experiment_name)
-    if experiment is None:
-        local = settings.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in settings.tracking_uri
-        location = (root / "mlartifacts").resolve().as_uri() if local else None
-        try:
+    with _store_lock(settings.tracking_uri):  # the first call creates a new store's tables
+        experiment = mlflow.get_experiment_by_name(settings.experiment_name)
+        if experiment is None:
+            local = settings.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in settings.tracking_uri
+            location = (root / "mlartifacts").resolve().as_uri() if local else None
             experiment_id = mlflow.create_experiment(settings.experiment_name, artifact_location=location)
-        except mlflow.exceptions.MlflowException:
-            # another stage or process created it in the meantime
-            experiment_id = mlflow.get_experiment_by_name(settings.experiment_name).experiment_id
-    else:
-        experiment_id = experiment.experiment_id
+        else:
+            experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id

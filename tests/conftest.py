@@ -33,9 +33,9 @@ def project_env() -> dict:
     return env
 
 
-def run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    "Run a command in `cwd`; on an unexpected failure show its output."
-    result = subprocess.run(args, cwd=cwd, env=project_env(), capture_output=True, text=True)
+def run(args: list[str], cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    "Run a command in `cwd` (with extra `env`); on an unexpected failure show its output."
+    result = subprocess.run(args, cwd=cwd, env={**project_env(), **(env or {})}, capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -71,8 +71,13 @@ def write_params(project: Path, params: dict):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def dvc(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return run([str(BIN / "dvc"), *args], project, check=check)
+def dvc(project: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run([str(BIN / "dvc"), *args], project, check=check, env=env)
+
+
+def set_params(project: Path, override: dict):
+    "Change some params of a project copy."
+    write_params(project, merge(yaml.safe_load((project / "params.yaml").read_text()), override))
 
 
 @pytest.fixture(scope="session")

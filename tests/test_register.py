@@ -1,0 +1,207 @@
+"""The registry gate on a real MLflow store (SQLite): promotion, rejection, idempotency, audit, concurrency."""
+import json
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from conftest import BIN, copy_project, dvc, run, set_params
+
+MODEL = "claims-cost"
+# With the small test params: fewer boosting rounds is clearly worse; smaller trees with more rounds is better
+# (measured: mean gamma deviance 0.791 -> 0.775, Gini and MAE within the guards).
+WORSE = {"train": {"max_iter": 5}}
+BETTER = {"train": {"max_iter": 60, "max_leaf_nodes": 8, "min_samples_leaf": 50}}
+# A Poisson booster with a huge learning rate on heavy-tailed costs: predictions around 1e78 here.
+DIVERGED = {"train": {"loss": "poisson", "learning_rate": 3.0}}
+
+
+def client_for(project: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db", registry_uri=f"sqlite:///{project}/mlflow.db")
+
+
+def decision(project: Path) -> dict:
+    return json.loads((project / "reports/register_decision.json").read_text())
+
+
+def registry_state(project: Path) -> dict:
+    client = client_for(project)
+    versions = client.search_model_versions(f"name='{MODEL}'")
+    model = client.get_registered_model(MODEL)
+    return {"versions": sorted(int(v.version) for v in versions),
+            "aliases": {alias: str(version) for alias, version in model.aliases.items()}}
+
+
+def audit(project: Path, target: str, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run([str(BIN / "mlops-notebooks"), "audit", target, *flags], project, check=False, env=env)
+
+
+@pytest.fixture(scope="module")
+def lifecycle(tmp_path_factory):
+    "One project through first model, re-run, worse, better and diverged challengers; the decisions on the way."
+    project = copy_project(tmp_path_factory.mktemp("registry"))
+    steps = {}
+    dvc(project, "repro")
+    steps["first"] = (decision(project), registry_state(project))
+    dvc(project, "repro", "--force", "--single-item", "register")
+    steps["again"] = (decision(project), registry_state(project))
+    for name, override in [("worse", WORSE), ("better", BETTER), ("diverged", DIVERGED)]:
+        set_params(project, override)
+        dvc(project, "repro")
+        steps[name] = (decision(project), registry_state(project))
+        set_params(project, {"train": yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())["train"]})
+        set_params(project, {"train": {"max_iter": 40}})
+    return project, steps
+
+
+def test_the_first_model_is_promoted_after_sanity_checks(lifecycle):
+    _, steps = lifecycle
+    record, state = steps["first"]
+    assert record["outcome"] == "promoted" and record["champion"] is None
+    assert [check["check"] for check in record["checks"]] == ["finite_predictions", "plausible_range",
+                                                             "beats_constant_baseline"]
+    assert state == {"versions": [1], "aliases": {"champion": "1", "challenger": "1"}}
+
+
+def test_re_running_register_creates_no_duplicate(lifecycle):
+    _, steps = lifecycle
+    record, state = steps["again"]
+    assert record["outcome"] == "already_champion" and record["created_version"] is False
+    assert state["versions"] == [1]
+
+
+def test_a_worse_challenger_is_kept_out(lifecycle):
+    _, steps = lifecycle
+    record, state = steps["worse"]
+    assert record["outcome"] == "kept_champion"
+    assert record["champion"]["version"] == 1 and record["challenger"]["version"] == 2
+    primary = next(check for check in record["checks"] if check["check"].startswith("mean_deviance improves"))
+    assert primary["passed"] is False
+    assert state["aliases"] == {"champion": "1", "challenger": "2"}
+
+
+def test_a_better_challenger_is_promoted(lifecycle):
+    _, steps = lifecycle
+    record, state = steps["better"]
+    assert record["outcome"] == "promoted", record["checks"]
+    champion, challenger = record["champion"]["metrics"], record["challenger"]["metrics"]
+    assert challenger["mean_deviance"] < 0.99 * champion["mean_deviance"]
+    assert state["aliases"] == {"champion": "3", "challenger": "3"}
+
+
+def test_a_diverged_model_is_never_promoted(lifecycle):
+    _, steps = lifecycle
+    record, state = steps["diverged"]
+    assert record["outcome"] == "rejected"
+    failed = {check["check"] for check in record["checks"] if not check["passed"]}
+    assert {"plausible_range", "beats_constant_baseline"} <= failed
+    assert state["aliases"] == {"champion": "3", "challenger": "4"}
+
+
+def test_every_version_carries_lineage_and_its_decision(lifecycle):
+    project, _ = lifecycle
+    client = client_for(project)
+    lock_hashes = {out["path"]: out["md5"] for stage in yaml.safe_load((project / "dvc.lock").read_text())["stages"].values()
+                   for out in stage.get("outs", [])}
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    for version in client.search_model_versions(f"name='{MODEL}'"):
+        tags = version.tags
+        assert tags["lineage.git_commit"] == head
+        assert tags["lineage.run_id"] == version.run_id
+        assert {"lineage.training_window", "lineage.train_rows", "lineage.evaluation_rows", "lineage.reports",
+                "lineage.params.train.learning_rate", "decision.outcome", "decision.record"} <= set(tags)
+        assert json.loads(tags["decision.record"])["challenger"]["version"] == int(version.version)
+    newest = client.get_model_version(MODEL, "4")
+    assert newest.tags["lineage.git_dirty"] == "true", "params.yaml was edited and not committed"
+    assert newest.tags["lineage.data.data/processed/test.parquet"] == lock_hashes["data/processed/test.parquet"]
+    assert newest.tags["lineage.params.train.loss"] == "poisson"
+
+
+def test_audit_matches_the_registry(lifecycle):
+    project, _ = lifecycle
+    client = client_for(project)
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    result = audit(project, f"models:/{MODEL}@champion", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["version"] == int(champion.version) == 3
+    assert report["run_id"] == champion.run_id
+    assert report["code"]["git_commit"] == champion.tags["lineage.git_commit"]
+    assert report["data"]["data/processed/train.parquet"] == champion.tags["lineage.data.data/processed/train.parquet"]
+    assert report["params"]["train.max_leaf_nodes"] == "8"
+    assert report["decision"]["outcome"] == "promoted" and report["decision"]["champion"]["version"] == 1
+    assert report["metrics"]["test_d2"] == client.get_run(champion.run_id).data.metrics["test_d2"]
+    # the same model by version number and by run id; text output for people
+    assert json.loads(audit(project, "3", "--json").stdout) == report
+    assert json.loads(audit(project, champion.run_id, "--json").stdout)["version"] == 3
+    text = audit(project, f"models:/{MODEL}/2").stdout
+    assert text.splitlines()[0] == f"{MODEL} version 2  [challenger]" or text.splitlines()[0] == f"{MODEL} version 2"
+    assert "decision   kept_champion" in text and "FAIL  mean_deviance improves" in text
+
+
+def test_audit_refuses_what_it_cannot_find(lifecycle):
+    project, _ = lifecycle
+    for target, expected in [("models:/claims-cost/99", "not found in the registry"),
+                             ("models:/claims-cost@retired", "not found in the registry"),
+                             ("yesterday's model", "expected models:/<name>@<alias>")]:
+        result = audit(project, target)
+        assert result.returncode == 2 and result.stderr.startswith("error: audit ") and expected in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_bad_rule_missing_champion_artifact_and_unreachable_store_leave_the_registry_as_it_was(lifecycle):
+    project, _ = lifecycle
+    before = registry_state(project)
+    set_params(project, {"train": {"max_iter": 41}})  # a new challenger the gate would otherwise register
+    dvc(project, "repro", "evaluate")
+
+    set_params(project, {"register": {"primary_metric": "accuracy"}})
+    output = dvc(project, "repro", "register", check=False)
+    assert output.returncode != 0 and "register.primary_metric: unknown metric 'accuracy'" in output.stdout + output.stderr
+    assert registry_state(project) == before
+    set_params(project, {"register": {"primary_metric": "mean_deviance"}})
+
+    champion = client_for(project).get_model_version_by_alias(MODEL, "champion")
+    artifact_dir = Path(champion.source.replace("file://", "")) if champion.source.startswith("file://") else None
+    logged = client_for(project).get_logged_model(champion.model_id)
+    artifact_dir = Path(logged.artifact_location.replace("file://", ""))
+    hidden = artifact_dir.with_name(artifact_dir.name + ".hidden")
+    artifact_dir.rename(hidden)
+    try:
+        output = dvc(project, "repro", "register", check=False)
+        assert output.returncode != 0
+        assert f"DataError: champion {MODEL} version 3: cannot load its model artifact" in output.stdout + output.stderr
+        assert registry_state(project) == before
+    finally:
+        hidden.rename(artifact_dir)
+
+    unreachable = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+    output = dvc(project, "repro", "register", check=False, env=unreachable)
+    assert output.returncode != 0 and "http://127.0.0.1:9 is unreachable" in output.stdout + output.stderr
+    assert registry_state(project) == before
+    assert audit(project, "3", env=unreachable).stderr.startswith("error: settings.ini tracking_uri:")
+
+
+def test_two_register_runs_at_once_end_with_one_champion(tmp_path):
+    "Two projects share one registry; both register at the same moment; the better model ends as champion."
+    shared = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/shared.db"}
+    ordinary = copy_project(tmp_path / "ordinary")
+    better = copy_project(tmp_path / "better")
+    set_params(better, BETTER)
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda project: dvc(project, "repro", "evaluate", env=shared), [ordinary, better]))
+        results = list(pool.map(lambda project: dvc(project, "repro", "register", check=False, env=shared),
+                                [ordinary, better]))
+    assert all(result.returncode == 0 for result in results), [result.stdout + result.stderr for result in results]
+    client = MlflowClient(tracking_uri=shared["MLFLOW_TRACKING_URI"], registry_uri=shared["MLFLOW_TRACKING_URI"])
+    versions = {version.version: version for version in client.search_model_versions(f"name='{MODEL}'")}
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert len(versions) == 2 and champion.version in versions
+    better_run = json.loads((better / "models/train_run.json").read_text())["run_id"]
+    assert champion.run_id == better_run, "whichever registered first, the better model must end as champion"
+    outcomes = sorted([decision(ordinary)["outcome"], decision(better)["outcome"]])
+    assert outcomes in (["kept_champion", "promoted"], ["promoted", "promoted"])
