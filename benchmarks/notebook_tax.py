@@ -12,7 +12,9 @@ Everything runs in throw-away copies of the project under a temporary folder, ne
    reports and from one instrumented run of the scripts (per-cell times).
 
 Notebooks and scripts alternate within every repeat, so a busy machine slows both alike;
-figures are medians over repeats. Usage: python benchmarks/notebook_tax.py --repeats 3
+figures are medians over repeats. By default Python's bytecode cache is a private, pre-warmed folder
+(see `project_env`); `--bytecode-cache off` measures these machines' compile-every-import setting.
+Usage: python benchmarks/notebook_tax.py --repeats 3
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ GOALS = {
 
 # ---------------------------------------------------------------- running commands
 
-def project_env(scripts: bool = False) -> dict:
+def project_env(scripts: bool = False, pycache: Path | None = None) -> dict:
     "The environment `make pipeline` gives stage commands: venv first on PATH, no analytics, a git identity."
     # Drop MLOPS_/MLFLOW_ overrides so each copy's settings.ini (tracking DB inside the copy) applies.
     env = {key: value for key, value in os.environ.items() if not key.startswith(("MLOPS_", "MLFLOW_"))}
@@ -65,6 +67,16 @@ def project_env(scripts: bool = False) -> dict:
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         "PYDEVD_DISABLE_FILE_VALIDATION": "1",
     })
+    # Python's bytecode cache. These machines set PYTHONDONTWRITEBYTECODE=1 and uv installs the venv
+    # without .pyc files, so every process compiles every module it imports from source again:
+    # +1 s per kernel start, +3.5 s per `import mlflow`. A user's machine caches bytecode after the
+    # first run. With `pycache`, bytecode goes to (and is read from) that private folder, never the venv.
+    env.pop("PYTHONPYCACHEPREFIX", None)
+    if pycache is None:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+    else:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(pycache)
     env.pop("MPLBACKEND", None)
     if scripts:
         # A script has no inline backend; Agg never opens a window and renders only on savefig.
@@ -194,7 +206,8 @@ def needs_display_shim(bodies: list[str]) -> bool:
 
 
 def script_source(notebook: Path, params_file: str, sections: list[str], timed: bool = False) -> tuple[str, int]:
-    "A plain script equivalent to running `notebook` under papermill; optionally with per-cell timing."
+    """A plain script equivalent to running `notebook` under papermill (optionally timing each cell), and how
+    many IPython-only bits it had to drop or shim."""
     bodies, dropped, future = [], 0, set()
     for cell in stage_cells(notebook):
         body, stripped = strip_ipython("".join(cell["source"]))
@@ -251,17 +264,18 @@ def script_source(notebook: Path, params_file: str, sections: list[str], timed: 
 
 
 def convert_to_scripts(project: Path) -> tuple[dict, int]:
-    "Turn every papermill stage of the copy into `python stage_scripts/<stem>.py`; return its sources and IPython adjustments made."
+    """Turn every papermill stage of the copy into `python stage_scripts/<stem>.py`; return each stage's
+    sources and the number of IPython-only bits dropped or shimmed."""
     dvc_file = project / "dvc.yaml"
     pipeline = yaml.safe_load(dvc_file.read_text())
-    notebooks, dropped = {}, 0
+    notebooks, adjustments = {}, 0
     for name, stage in pipeline["stages"].items():
         notebook, report, params_file = papermill_paths(stage["cmd"])
         sections = list(yaml.safe_load((project / params_file).read_text()))
         script = f"{SCRIPTS_DIR}/{Path(notebook).stem}.py"
         notebooks[name] = {"notebook": notebook, "params_file": params_file}
-        source, stripped = script_source(project / notebook, params_file, sections)
-        dropped += stripped
+        source, adjusted = script_source(project / notebook, params_file, sections)
+        adjustments += adjusted
         (project / script).parent.mkdir(exist_ok=True)
         (project / script).write_text(source)
         # Same params, other deps, outs, metrics and plots; the script replaces the notebook as a dep,
@@ -270,9 +284,9 @@ def convert_to_scripts(project: Path) -> tuple[dict, int]:
         stage["deps"] = [script if dep == notebook else dep for dep in stage["deps"]]
         stage["outs"] = [entry for entry in stage.get("outs", []) if out_path(entry) != report]
         if not stage["outs"]:
-            del stage["outs"]   # evaluate's only out was its report
+            del stage["outs"]   # a stage whose only out was its report (evaluate)
     dvc_file.write_text(yaml.safe_dump(pipeline, sort_keys=False))
-    return notebooks, dropped
+    return notebooks, adjustments
 
 
 def prepare_copy(snapshot: Path, destination: Path, variant: str) -> dict:
@@ -418,19 +432,19 @@ def timed_scripts_pass(project: Path, notebooks: dict, order: list[str], env: di
     return results
 
 
-def tool_timings(repeats: int, cwd: Path) -> dict:
+def tool_timings(repeats: int, cwd: Path, env: dict) -> dict:
     "Fixed costs, each in fresh processes: interpreter start, imports, the papermill CLI."
     python = sys.executable
     def in_process(statement: str) -> float:
         code = f"import time; t = time.perf_counter(); {statement}; print(time.perf_counter() - t)"
-        return float(run([python, "-c", code], cwd).stdout.strip().splitlines()[-1])
+        return float(run([python, "-c", code], cwd, env).stdout.strip().splitlines()[-1])
     return {
-        "python_start_s": median([wall_time([python, "-c", "pass"], cwd) for _ in range(repeats)]),
+        "python_start_s": median([wall_time([python, "-c", "pass"], cwd, env) for _ in range(repeats)]),
         "papermill_import_s": median([in_process("import papermill") for _ in range(repeats)]),
-        "papermill_cli_help_s": median([wall_time([str(BIN / "papermill"), "--help"], cwd) for _ in range(repeats)]),
+        "papermill_cli_help_s": median([wall_time([str(BIN / "papermill"), "--help"], cwd, env) for _ in range(repeats)]),
         "mlflow_import_s": median([in_process("import mlflow, mlflow.sklearn") for _ in range(repeats)]),
         # DVC's own start-up, the floor under every `dvc repro` including a no-op one
-        "dvc_version_s": median([wall_time([str(BIN / "dvc"), "--version"], cwd) for _ in range(repeats)]),
+        "dvc_version_s": median([wall_time([str(BIN / "dvc"), "--version"], cwd, env) for _ in range(repeats)]),
     }
 
 
@@ -481,11 +495,42 @@ def probe_mlflow(project: Path, runs: int) -> dict:
 
 # ---------------------------------------------------------------- the benchmark
 
-def one_variant(snapshot: Path, workdir: Path, variant: str, repeat: int, breakdown: bool) -> dict:
+# Small enough that the warm-up repro is quick, big enough that every stage runs its real code path.
+WARMUP_PARAMS = {
+    "ingest": {"n_claims": 8000, "n_months": 12, "start_month": "2023-01"},
+    "validate": {"min_rows": 1000},
+    "features": {"test_months": 3},
+    "train": {"max_iter": 40},
+    "evaluate": {"importance_rows": 500, "importance_repeats": 1},
+}
+
+
+def merge(base: dict, override: dict) -> dict:
+    "`base` with `override`'s values put in, nested sections merged key by key."
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return merged
+
+
+def warm_bytecode_cache(snapshot: Path, workdir: Path, pycache: Path):
+    "Fill the private bytecode cache as a first run would: one small, untimed notebooks repro."
+    # The notebooks pipeline imports a superset of what the scripts import (papermill, ipykernel).
+    project = workdir / "warmup"
+    shutil.copytree(snapshot, project, symlinks=True)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    (project / "params.yaml").write_text(yaml.safe_dump(merge(params, WARMUP_PARAMS), sort_keys=False))
+    commit_copy(project)
+    timed_repro(project, project_env(pycache=pycache), workdir / "warmup.log")
+    shutil.rmtree(project)
+
+
+def one_variant(snapshot: Path, workdir: Path, variant: str, repeat: int, breakdown: bool,
+                pycache: Path | None) -> dict:
     "Copy, cold repro, no-op repro, and the breakdown sources of one variant in one repeat."
     project = workdir / f"{variant}-{repeat}"
     info = prepare_copy(snapshot, project, variant)
-    env = project_env(scripts=variant == "scripts")
+    env = project_env(scripts=variant == "scripts", pycache=pycache)
     cold = timed_repro(project, env, workdir / f"{variant}-{repeat}-cold.log")
     noop = timed_repro(project, env, workdir / f"{variant}-{repeat}-noop.log")
     if noop["stages"]:
@@ -605,7 +650,10 @@ def build_record(args, runs: list[dict], tools: dict, mlflow_figures: dict, chec
         figures["breakdown_per_stage"] = breakdown
         figures["breakdown_total_s"] = {part: round(sum(breakdown[stage]["parts"][part] for stage in stages), 3)
                                         for part in breakdown[stages[0]]["parts"]}
+    figures["bytecode_cache"] = args.bytecode_cache
     command = f"python benchmarks/notebook_tax.py --repeats {args.repeats}"
+    if args.bytecode_cache != "warm":
+        command += f" --bytecode-cache {args.bytecode_cache}"
     if args.no_breakdown:
         command += " --no-breakdown"
     return {"benchmark": "notebook_tax", "date": datetime.date.today().isoformat(),
@@ -641,6 +689,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="cold repros per variant (alternating); medians")
     parser.add_argument("--mlflow-runs", type=int, default=5, help="log_training_run calls to take the median of")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-cell breakdown (one script pass less)")
+    parser.add_argument("--bytecode-cache", choices=("warm", "off"), default="warm",
+                        help="warm: a private, pre-warmed bytecode cache, as a user's machine has after one run "
+                             "(default); off: compile every import from source, as PYTHONDONTWRITEBYTECODE=1 "
+                             "with an uncompiled venv does on these machines")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copies and logs, print where")
     parser.add_argument("--probe-mlflow", type=Path, help=argparse.SUPPRESS)   # internal: run inside a copy
     args = parser.parse_args()
@@ -652,6 +704,10 @@ def main():
     workdir = Path(tempfile.mkdtemp(prefix="notebook_tax."))
     try:
         snapshot = snapshot_project(workdir / "snapshot")
+        pycache = workdir / "pycache" if args.bytecode_cache == "warm" else None
+        if pycache is not None:
+            print("warming a private bytecode cache (one small, untimed repro) ...", flush=True)
+            warm_bytecode_cache(snapshot, workdir, pycache)
         runs, checks = [], []
         for repeat in range(args.repeats):
             # Alternate which variant goes first, so drift in machine load hits both sides alike.
@@ -659,7 +715,7 @@ def main():
             results = {}
             for variant in order:
                 print(f"repeat {repeat + 1}/{args.repeats}: {variant} ...", flush=True)
-                results[variant] = one_variant(snapshot, workdir, variant, repeat, not args.no_breakdown)
+                results[variant] = one_variant(snapshot, workdir, variant, repeat, not args.no_breakdown, pycache)
                 print(f"  cold {results[variant]['cold']['total_s']:.1f}s, no-op {results[variant]['noop_s']:.2f}s",
                       flush=True)
             checks.append(check_same_results(results["notebooks"], results["scripts"]))
@@ -671,9 +727,9 @@ def main():
         print("mlflow and fixed-cost probes ...", flush=True)
         last_notebooks = runs[-1]["notebooks"]["project"]
         probe = run([sys.executable, str(Path(__file__).resolve()), "--probe-mlflow", str(last_notebooks),
-                     "--mlflow-runs", str(args.mlflow_runs)], last_notebooks)
+                     "--mlflow-runs", str(args.mlflow_runs)], last_notebooks, project_env(pycache=pycache))
         mlflow_figures = json.loads(probe.stdout.strip().splitlines()[-1])
-        tools = tool_timings(5, workdir)
+        tools = tool_timings(5, workdir, project_env(pycache=pycache))
 
         record = build_record(args, runs, tools, mlflow_figures, checks)
         RESULT.parent.mkdir(parents=True, exist_ok=True)

@@ -166,8 +166,7 @@ def test_bad_rule_missing_champion_artifact_and_unreachable_store_leave_the_regi
     set_params(project, {"register": {"primary_metric": "mean_deviance"}})
 
     champion = client_for(project).get_model_version_by_alias(MODEL, "champion")
-    artifact_dir = Path(champion.source.replace("file://", "")) if champion.source.startswith("file://") else None
-    logged = client_for(project).get_logged_model(champion.model_id)
+    logged = client_for(project).get_logged_model(champion.source.removeprefix("models:/"))
     artifact_dir = Path(logged.artifact_location.replace("file://", ""))
     hidden = artifact_dir.with_name(artifact_dir.name + ".hidden")
     artifact_dir.rename(hidden)
