@@ -10,6 +10,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
+# Nothing here may reach the internet at run time: MLflow 3 would otherwise send usage telemetry (and, with no
+# network, wait on it when a stage's kernel exits). A user who wants it can set the variable to false.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 # %% auto #0
 __all__ = ['ENV_PREFIX', 'UserError', 'ParamsError', 'DataError', 'brief_user_errors', 'project_root', 'Settings',
            'load_settings', 'StageParams', 'parse_params', 'check_tracking_reachable', 'configure_mlflow']
