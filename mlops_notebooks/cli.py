@@ -119,6 +119,6 @@ def main(argv:list[str]|None=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-# %% ../nbs/08_cli.ipynb #c010
+# %% ../nbs/08_cli.ipynb #c011
 if __name__ == "__main__":
     sys.exit(main())
