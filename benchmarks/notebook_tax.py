@@ -13,7 +13,7 @@ Everything runs in throw-away copies of the project under a temporary folder, ne
 
 Notebooks and scripts alternate within every repeat, so a busy machine slows both alike;
 figures are medians over repeats. By default Python's bytecode cache is a private, pre-warmed folder
-(see `project_env`); `--bytecode-cache off` measures these machines' compile-every-import setting.
+(see `project_env`); `--bytecode-cache off` uses only what the venv holds.
 Usage: python benchmarks/notebook_tax.py --repeats 3
 """
 from __future__ import annotations
@@ -58,6 +58,7 @@ def project_env(scripts: bool = False, pycache: Path | None = None) -> dict:
     "The environment `make pipeline` gives stage commands: venv first on PATH, no analytics, a git identity."
     # Drop MLOPS_/MLFLOW_ overrides so each copy's settings.ini (tracking DB inside the copy) applies.
     env = {key: value for key, value in os.environ.items() if not key.startswith(("MLOPS_", "MLFLOW_"))}
+    telemetry = os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true")   # the Makefile's `?= true`
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update({
         "DVC_NO_ANALYTICS": "1",
@@ -65,12 +66,14 @@ def project_env(scripts: bool = False, pycache: Path | None = None) -> dict:
         "GIT_COMMITTER_NAME": "notebook-tax", "GIT_COMMITTER_EMAIL": "notebook-tax@example.com",
         # the same quieting exports as the Makefile, so we time what `make pipeline` runs
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "MLFLOW_DISABLE_TELEMETRY": telemetry,
         "PYDEVD_DISABLE_FILE_VALIDATION": "1",
     })
-    # Python's bytecode cache. These machines set PYTHONDONTWRITEBYTECODE=1 and uv installs the venv
-    # without .pyc files, so every process compiles every module it imports from source again:
-    # +1 s per kernel start, +3.5 s per `import mlflow`. A user's machine caches bytecode after the
-    # first run. With `pycache`, bytecode goes to (and is read from) that private folder, never the venv.
+    # Python's bytecode cache. These machines set PYTHONDONTWRITEBYTECODE=1; in a venv installed without
+    # .pyc files (before `--compile-bytecode` in the Makefile) every process then compiles every module
+    # it imports from source again: +1 s per kernel start, +3.5 s per `import mlflow`. With `pycache`,
+    # bytecode goes to (and is read from) that private, pre-warmed folder, never the venv, so the
+    # figures do not depend on how the venv was installed. Without it: whatever the venv holds, nothing written.
     env.pop("PYTHONPYCACHEPREFIX", None)
     if pycache is None:
         env["PYTHONDONTWRITEBYTECODE"] = "1"
@@ -704,8 +707,8 @@ def main():
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-cell breakdown (one script pass less)")
     parser.add_argument("--bytecode-cache", choices=("warm", "off"), default="warm",
                         help="warm: a private, pre-warmed bytecode cache, as a user's machine has after one run "
-                             "(default); off: compile every import from source, as PYTHONDONTWRITEBYTECODE=1 "
-                             "with an uncompiled venv does on these machines")
+                             "(default); off: write no bytecode and use only what the venv holds (with a venv "
+                             "installed without --compile-bytecode, every import compiles from source)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copies and logs, print where")
     parser.add_argument("--probe-mlflow", type=Path, help=argparse.SUPPRESS)   # internal: run inside a copy
     args = parser.parse_args()
