@@ -67,12 +67,13 @@ def file_md5(path:Path|str, chunk_size:int=1 << 20) -> str:
     return digest.hexdigest()
 
 def git_state(root:Path|str) -> dict:
-    "The git commit at `root` and whether tracked files differ from it (`unknown` outside a git checkout)."
+    "The git commit at `root` and whether tracked files other than `dvc.lock` differ from it (`unknown` outside git)."
     def git(*args):
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
     try:
         commit = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no") != ""
+        # dvc.lock is rewritten by the very `dvc repro` that is running: it does not make the code dirty.
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock") != ""
     except (subprocess.CalledProcessError, FileNotFoundError):
         return {"git_commit": "unknown", "git_dirty": "unknown"}
     return {"git_commit": commit, "git_dirty": str(dirty).lower()}
