@@ -19,13 +19,15 @@ help:
 	@echo "make lab       - JupyterLab with the project's kernel"
 	@echo "make export    - nbdev-export + nbdev-clean after editing notebooks"
 	@echo "make bench     - run every benchmark under benchmarks/"
+	@echo "make lock      - re-pin requirements.lock after changing pyproject.toml"
 
 env: $(STAMP)
 
+# `uv pip sync`, not install: the venv holds exactly what the lock says, nothing left over from earlier installs.
+# --compile-bytecode: these machines set PYTHONDONTWRITEBYTECODE=1, so without it every import compiles from source.
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	test -x $(BIN)/uv || $(BIN)/python -m pip install --quiet --disable-pip-version-check uv==0.13.8
-	# sync, not install: the venv holds exactly what the lock says, nothing left over from earlier installs
 	$(BIN)/uv pip sync --quiet --compile-bytecode --python $(BIN)/python requirements.lock
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (mlops-notebooks)" >/dev/null
