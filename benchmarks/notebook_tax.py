@@ -498,14 +498,8 @@ def probe_mlflow(project: Path, runs: int) -> dict:
 
 # ---------------------------------------------------------------- the benchmark
 
-# Small enough that the warm-up repro is quick, big enough that every stage runs its real code path.
-WARMUP_PARAMS = {
-    "ingest": {"n_claims": 8000, "n_months": 12, "start_month": "2023-01"},
-    "validate": {"min_rows": 1000},
-    "features": {"test_months": 3},
-    "train": {"max_iter": 40},
-    "evaluate": {"importance_rows": 500, "importance_repeats": 1},
-}
+# The small params the end-to-end tests use: the warm-up repro is quick and every stage runs its real code path.
+WARMUP_PARAMS = yaml.safe_load((REPO / "tests" / "small_params.yaml").read_text())
 
 
 def merge(base: dict, override: dict) -> dict:

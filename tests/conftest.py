@@ -13,14 +13,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-# Small enough that a full `dvc repro` takes seconds, big enough that the metrics mean something.
-SMALL_PARAMS = {
-    "ingest": {"n_claims": 8000, "n_months": 12, "start_month": "2023-01"},
-    "validate": {"min_rows": 1000},
-    "features": {"test_months": 3},
-    "train": {"max_iter": 40},
-    "evaluate": {"importance_rows": 500, "importance_repeats": 1},
-}
+# Overrides of params.yaml that keep a full `dvc repro` to seconds (shared with benchmarks/notebook_tax.py).
+SMALL_PARAMS = yaml.safe_load((REPO / "tests" / "small_params.yaml").read_text())
 
 
 def project_env() -> dict:
