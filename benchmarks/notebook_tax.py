@@ -461,20 +461,20 @@ def probe_mlflow(project: Path, runs: int) -> dict:
     import mlflow  # noqa: F401  (the brief: time runs after `import mlflow`)
     import mlops_notebooks
     from mlops_notebooks.artifacts import flatten, lineage_tags, read_parquet
-    from mlops_notebooks.features import FeaturesParams
+    from mlops_notebooks.ingest import DataParams
     from mlops_notebooks.settings import configure_mlflow, load_settings, parse_params
     from mlops_notebooks.train import TrainParams, feature_frame, fit_model, log_training_run
     assert Path(mlops_notebooks.__file__).resolve().is_relative_to(project.resolve()), mlops_notebooks.__file__
 
     params = yaml.safe_load((project / "params.yaml").read_text())
-    features = parse_params(FeaturesParams, "features", params["features"])
+    declared = parse_params(DataParams, "data", params["data"])
     train = parse_params(TrainParams, "train", params["train"])
     training = read_parquet(project / "data/processed/train.parquet", made_by="features")
-    model = fit_model(training, features, train)
-    inputs = feature_frame(training, features)
+    model = fit_model(training, declared, train)
+    inputs = feature_frame(training, declared)
     metrics = {"train_rows": float(len(training)), "fit_seconds": 1.0,
-               "train_mean_cost": float(training[features.target].mean())}
-    stage_params = {"features": features.model_dump(), "train": train.model_dump()}
+               "train_mean_target": float(training[declared.model_target].mean())}
+    stage_params = {"data": declared.model_dump(), "train": train.model_dump()}
     tags = lineage_tags(project, inputs=["data/processed/train.parquet"], params=stage_params,
                         reports=["reports/05_train.ipynb"])
     settings = load_settings(project)

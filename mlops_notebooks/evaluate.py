@@ -3,32 +3,37 @@
 # %% ../nbs/06_evaluate.ipynb #c003
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import pandas as pd
 from pydantic import Field
 from sklearn.metrics import d2_tweedie_score, mean_absolute_error, mean_squared_error, mean_tweedie_deviance, r2_score
 
+from .ingest import DEVIANCE_POWER, DataParams
 from .settings import DataError, StageParams
 
 # %% auto #0
-__all__ = ['TWEEDIE_POWER', 'METRIC_DIRECTIONS', 'EvaluateParams', 'lorenz_curve', 'gini', 'cost_metrics', 'error_by_month',
-           'feature_importance']
+__all__ = ['MetricName', 'METRIC_DIRECTIONS', 'EvaluateParams', 'lorenz_curve', 'gini', 'deviance_power', 'cost_metrics',
+           'error_by_group', 'feature_importance']
 
 # %% ../nbs/06_evaluate.ipynb #c004
+MetricName = Literal["mean_deviance", "d2", "gini", "r2", "mae", "rmse"]
+
 class EvaluateParams(StageParams):
     "The `evaluate` section of params.yaml."
+    metrics: list[MetricName] = ["mean_deviance", "d2", "gini", "r2", "mae", "rmse"]  # reported in metrics.json
     importance_rows: int = Field(ge=100)    # test rows sampled for permutation importance
     importance_repeats: int = Field(ge=1)   # shuffles per feature
     seed: int = 0
 
 # %% ../nbs/06_evaluate.ipynb #c006
-TWEEDIE_POWER = {"squared_error": 0.0, "poisson": 1.0, "gamma": 2.0}
 # Which way is better, for each metric `cost_metrics` reports (the registry gate compares models with these).
 METRIC_DIRECTIONS = {"r2": "higher", "d2": "higher", "gini": "higher",
                      "mae": "lower", "rmse": "lower", "mean_deviance": "lower"}
 
 def lorenz_curve(actual:np.ndarray, predicted:np.ndarray, weight:np.ndarray|None=None) -> tuple[np.ndarray, np.ndarray]:
-    "Cumulative share of weight (x) and of actual cost (y), claims ordered by predicted cost, lowest first."
+    "Cumulative share of weight (x) and of actual cost (y), rows ordered by predicted cost, lowest first."
     weight = np.ones_like(actual, dtype=float) if weight is None else np.asarray(weight, dtype=float)
     order = np.argsort(predicted, kind="stable")
     cumulative_weight = np.concatenate([[0.0], np.cumsum(weight[order])])
@@ -40,21 +45,29 @@ def gini(actual:np.ndarray, predicted:np.ndarray, weight:np.ndarray|None=None) -
     x, y = lorenz_curve(np.asarray(actual, dtype=float), np.asarray(predicted, dtype=float), weight)
     return float(1 - 2 * np.trapezoid(y, x))
 
-def cost_metrics(actual:np.ndarray,     # observed costs
-                 predicted:np.ndarray,  # predicted costs
-                 loss:str,              # the training loss, whose deviance is reported
+def deviance_power(deviance:str|float) -> float:
+    "The Tweedie power of a deviance given by objective name ('gamma') or by power (1.9)."
+    if isinstance(deviance, str):
+        if deviance not in DEVIANCE_POWER:
+            raise ValueError(f"unknown deviance '{deviance}'; give a Tweedie power for tweedie")
+        return DEVIANCE_POWER[deviance]
+    return float(deviance)
+
+def cost_metrics(actual:np.ndarray,     # observed values of the modelled target
+                 predicted:np.ndarray,  # predictions
+                 deviance:str|float,    # the objective whose deviance is reported: a name or a Tweedie power
                  weight:np.ndarray|None=None, # optional weights (exposure)
                 ) -> dict:
-    "R², MAE, RMSE, mean deviance and D² of the loss, and Gini, weighted when weights are given."
-    power = TWEEDIE_POWER[loss]
+    "R², MAE, RMSE, mean deviance and D² of the objective, and Gini, weighted when weights are given."
+    power = deviance_power(deviance)
     predicted = np.asarray(predicted, dtype=float)
     if not np.isfinite(predicted).all():
         bad = int((~np.isfinite(predicted)).sum())
         raise DataError(f"{bad} of {len(predicted)} predictions are not finite: the model diverged "
-                        "(lower train.learning_rate or change train.loss)")
+                        "(lower train.learning_rate or change data.objective)")
     if power > 0 and (predicted <= 0).any():
-        raise DataError(f"{int((predicted <= 0).sum())} predictions are not positive; the {loss} deviance needs "
-                        "positive predictions (use train.loss: squared_error, or a log-link loss)")
+        raise DataError(f"{int((predicted <= 0).sum())} predictions are not positive; a deviance of power {power} "
+                        "needs positive predictions (use data.objective: squared_error, or a log-link objective)")
     return {
         "r2": float(r2_score(actual, predicted, sample_weight=weight)),
         "mae": float(mean_absolute_error(actual, predicted, sample_weight=weight)),
@@ -67,23 +80,35 @@ def cost_metrics(actual:np.ndarray,     # observed costs
     }
 
 # %% ../nbs/06_evaluate.ipynb #c010
-def error_by_month(frame:pd.DataFrame, target:str, predicted:np.ndarray) -> pd.DataFrame:
-    "Per report month: claims, mean actual and predicted cost, MAE and bias (predicted minus actual)."
-    scored = pd.DataFrame({"report_month": frame["report_month"], "actual": frame[target], "predicted": predicted})
-    by_month = scored.groupby("report_month").agg(claims=("actual", "size"), mean_actual=("actual", "mean"),
-                                                 mean_predicted=("predicted", "mean"))
-    by_month["mae"] = (scored["predicted"] - scored["actual"]).abs().groupby(scored["report_month"]).mean()
-    by_month["bias"] = by_month["mean_predicted"] - by_month["mean_actual"]
-    return by_month.reset_index()
+def error_by_group(frame:pd.DataFrame, data:DataParams, predicted:np.ndarray) -> pd.DataFrame:
+    "Per period (or per decile of prediction): rows, weighted mean actual and predicted, MAE and bias."
+    weight = frame[data.weight].to_numpy(dtype=float) if data.weight else np.ones(len(frame))
+    if data.period:
+        group = frame[data.period].dt.strftime("%Y-%m").to_numpy()
+    else:
+        group = pd.qcut(pd.Series(predicted).rank(method="first"), 10, labels=[f"d{d:02d}" for d in range(1, 11)]).astype(str).to_numpy()
+    actual = frame[data.model_target].to_numpy(dtype=float)
+    scored = pd.DataFrame({"group": group, "weight": weight, "actual": actual * weight, "predicted": predicted * weight,
+                           "error": np.abs(predicted - actual) * weight})
+    sums = scored.groupby("group").sum()
+    table = pd.DataFrame({"rows": scored.groupby("group").size(),
+                          "mean_actual": sums["actual"] / sums["weight"],
+                          "mean_predicted": sums["predicted"] / sums["weight"],
+                          "mae": sums["error"] / sums["weight"]})
+    table["bias"] = table["mean_predicted"] - table["mean_actual"]
+    return table.reset_index()
 
-def feature_importance(model, inputs:pd.DataFrame, actual:pd.Series, loss:str, params:EvaluateParams) -> pd.DataFrame:
+def feature_importance(model, inputs:pd.DataFrame, actual:pd.Series, deviance:str|float, params:EvaluateParams,
+                       weight:np.ndarray|None=None) -> pd.DataFrame:
     "Permutation importance (increase of mean deviance when a feature is shuffled), largest first."
     from sklearn.inspection import permutation_importance
+    from sklearn.metrics import make_scorer
     sample = inputs.sample(min(len(inputs), params.importance_rows), random_state=params.seed)
-    scoring = {"squared_error": "neg_mean_squared_error", "poisson": "neg_mean_poisson_deviance",
-               "gamma": "neg_mean_gamma_deviance"}[loss]
-    result = permutation_importance(model, sample, actual.loc[sample.index], scoring=scoring,
-                                    n_repeats=params.importance_repeats, random_state=params.seed)
+    positions = inputs.index.get_indexer(sample.index)
+    scoring = make_scorer(mean_tweedie_deviance, greater_is_better=False, power=deviance_power(deviance))
+    result = permutation_importance(model, sample, actual.iloc[positions], scoring=scoring,
+                                    n_repeats=params.importance_repeats, random_state=params.seed,
+                                    sample_weight=None if weight is None else weight[positions])
     return (pd.DataFrame({"feature": inputs.columns, "importance": result.importances_mean,
                           "std": result.importances_std})
             .sort_values("importance", ascending=False).reset_index(drop=True))

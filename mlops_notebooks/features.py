@@ -3,61 +3,65 @@
 # %% ../nbs/04_features.ipynb #c003
 from __future__ import annotations
 
+from typing import Literal
+
 import pandas as pd
 from pydantic import Field
+from sklearn.model_selection import train_test_split
 
+from .ingest import DataParams
 from .settings import DataError, ParamsError, StageParams
 
 # %% auto #0
-__all__ = ['CLAIMS_FEATURES', 'FeaturesParams', 'split_by_month', 'select_features']
+__all__ = ['FeaturesParams', 'split_by_month', 'split_claims', 'select_features']
 
 # %% ../nbs/04_features.ipynb #c004
 class FeaturesParams(StageParams):
-    "The `features` section of params.yaml."
-    target: str                       # the column to predict
-    test_months: int = Field(ge=1)    # the latest report months held out as the test set
-    categorical: list[str]            # columns encoded as categories
-    numeric: list[str]                # columns used as numbers (booleans become 0/1)
+    "The `features` section of params.yaml: how the test set is held out."
+    split: Literal["time", "random"] = "time"      # time: the latest periods are the test set; random: a share of rows
+    test_months: int = Field(3, ge=1)              # time split: the latest report months held out
+    test_share: float = Field(0.1, gt=0, lt=1)     # random split: the share of rows held out
+    seed: int = 0                                  # random split: the seed
 
 # %% ../nbs/04_features.ipynb #c006
-def split_by_month(claims:pd.DataFrame, # claims with a `report_month` column
+def split_by_month(claims:pd.DataFrame, # claims with a period column
                    test_months:int,     # latest months to hold out
+                   period:str="report_month", # the period column
                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
     "(train, test): test holds the last `test_months` report months."
-    months = claims["report_month"].drop_duplicates().sort_values()
+    months = claims[period].drop_duplicates().sort_values()
     if len(months) <= test_months:
         raise ParamsError(f"params.yaml: features.test_months={test_months} leaves no training data "
                           f"(the claims span {len(months)} report months)")
     first_test_month = months.iloc[-test_months]
-    is_test = claims["report_month"] >= first_test_month
+    is_test = claims[period] >= first_test_month
     return claims[~is_test].reset_index(drop=True), claims[is_test].reset_index(drop=True)
 
-# %% ../nbs/04_features.ipynb #c009
-def select_features(claims:pd.DataFrame, params:FeaturesParams) -> pd.DataFrame:
-    "The id, report month, declared features (categorical as str, numeric as float) and the target."
-    for key in ("categorical", "numeric"):
-        missing = [column for column in getattr(params, key) if column not in claims.columns]
-        if missing:
-            raise ParamsError(f"params.yaml: features.{key}: no such column(s) in the claims: {', '.join(missing)}")
-    if params.target not in claims.columns:
-        raise ParamsError(f"params.yaml: features.target: no column '{params.target}' in the claims")
-    overlap = set(params.categorical) & set(params.numeric)
-    if overlap or params.target in params.categorical + params.numeric:
-        raise ParamsError(f"params.yaml: features: a column is listed twice or the target is a feature: "
-                          f"{sorted(overlap) or params.target}")
-    selected = pd.DataFrame({"claim_id": claims["claim_id"], "report_month": claims["report_month"]})
-    for column in params.categorical:
-        selected[column] = claims[column].astype(str)
-    for column in params.numeric:
-        selected[column] = claims[column].astype("float64")
-    selected[params.target] = claims[params.target].astype("float64")
-    return selected
+def split_claims(claims:pd.DataFrame, data:DataParams, params:FeaturesParams) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "(train, test) as `features.split` says."
+    if params.split == "random":
+        train, test = train_test_split(claims, test_size=params.test_share, random_state=params.seed)
+        return train.reset_index(drop=True), test.reset_index(drop=True)
+    if not data.period:
+        raise ParamsError("params.yaml: features.split=time needs a period column (data.period); "
+                          "use features.split: random for data without one")
+    return split_by_month(claims, params.test_months, data.period)
 
-# %% ../nbs/04_features.ipynb #c011
-CLAIMS_FEATURES = FeaturesParams(
-    target="ultimate_cost",
-    test_months=3,
-    categorical=["line_of_business", "claim_type", "region"],
-    numeric=["policyholder_age", "claimant_age", "vehicle_age", "sum_insured", "policy_tenure_years",
-             "report_delay_days", "initial_reserve", "injury", "litigation"],
-)
+# %% ../nbs/04_features.ipynb #c009
+def select_features(claims:pd.DataFrame, data:DataParams) -> pd.DataFrame:
+    "The id, period, weight, declared features (categorical as str, numeric as float) and the modelled target."
+    missing = [column for column in [data.id, data.period, data.weight, data.target, *data.features]
+               if column and column not in claims.columns]
+    if missing:
+        raise DataError(f"the claims lack declared column(s): {', '.join(missing)}")
+    selected = pd.DataFrame({data.id: claims[data.id]})
+    for column in [data.period, data.weight]:
+        if column:
+            selected[column] = claims[column]
+    for column in data.categorical:
+        selected[column] = claims[column].astype(str)
+    for column in data.numeric:
+        selected[column] = claims[column].astype("float64")
+    target = claims[data.target].astype("float64")
+    selected[data.model_target] = target / claims[data.weight] if data.target_per_weight else target
+    return selected

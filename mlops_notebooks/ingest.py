@@ -4,17 +4,89 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from .settings import DataError, StageParams
 
 # %% auto #0
-__all__ = ['LINES_OF_BUSINESS', 'CLAIM_TYPES', 'REGIONS', 'DriftKnobs', 'IngestParams', 'generate_claims', 'read_claims_file']
+__all__ = ['Objective', 'Aggregation', 'DEVIANCE_POWER', 'CLAIMS_DATA', 'LINES_OF_BUSINESS', 'CLAIM_TYPES', 'REGIONS',
+           'read_claims_file', 'JoinedTable', 'DataParams', 'DriftKnobs', 'IngestParams', 'generate_claims',
+           'read_table', 'join_aggregated', 'ingest_claims']
 
 # %% ../nbs/02_ingest.ipynb #c005
+Objective = Literal["squared_error", "poisson", "gamma", "tweedie"]
+Aggregation = Literal["sum", "mean", "min", "max", "count"]
+# The power of the Tweedie deviance of each objective (the Tweedie one comes from `tweedie_power`).
+DEVIANCE_POWER = {"squared_error": 0.0, "poisson": 1.0, "gamma": 2.0}
+
+class JoinedTable(StageParams):
+    "A second table, combined per id and joined onto the first (e.g. claim amounts summed per policy)."
+    source: str = ""                              # CSV or Parquet path relative to the project root; '' = none
+    aggregate: dict[str, Aggregation] = {}        # column -> how the rows of one id combine; ids absent get 0 for sum/count
+
+class DataParams(StageParams):
+    "The `data` section of params.yaml: the claims table and the role of each column."
+    source: str = ""                  # CSV or Parquet path relative to the project root; '' = generate (`ingest` section)
+    join: JoinedTable = JoinedTable()  # optional second table joined by `id`
+    id: str                           # unique row id
+    target: str                       # what is predicted
+    weight: str = ""                  # exposure / sample weight; '' = every row weighs 1
+    target_per_weight: bool = False   # learn target / weight (a frequency, a pure premium) instead of the target
+    period: str = ""                  # report period (date or YYYY-MM); '' = the data has none
+    categorical: list[str] = []       # features used as categories
+    numeric: list[str] = []           # features used as numbers (booleans become 0/1)
+    dropped: list[str] = []           # columns present in the source and deliberately unused
+    objective: Objective = "gamma"    # the deviance trained on and reported
+    tweedie_power: float = Field(1.5, gt=1, lt=2)  # power of the Tweedie deviance when objective is tweedie
+
+    @model_validator(mode="after")
+    def _one_role_per_column(self):
+        if self.target_per_weight and not self.weight:
+            raise ValueError("target_per_weight needs a weight column")
+        if not self.categorical + self.numeric:
+            raise ValueError("no features: list columns under categorical and/or numeric")
+        seen = {}
+        for role, columns in self.roles_by_kind().items():
+            for column in columns:
+                if column in seen:
+                    raise ValueError(f"column '{column}' has two roles: {seen[column]} and {role}")
+                seen[column] = role
+        return self
+
+    def roles_by_kind(self) -> dict[str, list[str]]:
+        "Role -> its columns, for every declared column."
+        single = {"id": self.id, "target": self.target, "weight": self.weight, "period": self.period}
+        return {**{role: [column] for role, column in single.items() if column},
+                "categorical": list(self.categorical), "numeric": list(self.numeric), "dropped": list(self.dropped)}
+
+    @property
+    def features(self) -> list[str]:
+        "The model's input columns: categorical first, then numeric."
+        return [*self.categorical, *self.numeric]
+
+    @property
+    def model_target(self) -> str:
+        "The column the model learns: the target, or the target per unit of weight."
+        return f"{self.target}_per_{self.weight}" if self.target_per_weight else self.target
+
+    @property
+    def deviance_power(self) -> float:
+        "Power of the objective's Tweedie deviance (0 squared error, 1 Poisson, 2 Gamma)."
+        return self.tweedie_power if self.objective == "tweedie" else DEVIANCE_POWER[self.objective]
+
+# %% ../nbs/02_ingest.ipynb #c007
+CLAIMS_DATA = DataParams(
+    id="claim_id", target="ultimate_cost", period="report_month", objective="gamma",
+    categorical=["line_of_business", "claim_type", "region"],
+    numeric=["policyholder_age", "claimant_age", "vehicle_age", "sum_insured", "policy_tenure_years",
+             "report_delay_days", "initial_reserve", "injury", "litigation"],
+)
+
+# %% ../nbs/02_ingest.ipynb #c010
 def _check_month(value:str) -> str:
     "Accept `''` or a `YYYY-MM` month."
     if value:
@@ -33,8 +105,7 @@ class DriftKnobs(StageParams):
     _month = field_validator("start_month")(_check_month)
 
 class IngestParams(StageParams):
-    "The `ingest` section of params.yaml."
-    source: str = ""                      # CSV or Parquet path relative to the project root; '' = generate
+    "The `ingest` section of params.yaml: the synthetic generator (used when `data.source` is empty)."
     seed: int = 0                         # seed of the generator
     n_claims: int = Field(gt=0)           # claims to generate
     start_month: str                      # first report month, YYYY-MM
@@ -42,7 +113,7 @@ class IngestParams(StageParams):
     drift: DriftKnobs = DriftKnobs()
     _month = field_validator("start_month")(_check_month)
 
-# %% ../nbs/02_ingest.ipynb #c007
+# %% ../nbs/02_ingest.ipynb #c012
 LINES_OF_BUSINESS = ["motor", "home", "liability", "commercial_property"]
 CLAIM_TYPES = ["collision", "theft", "fire", "water", "weather", "bodily_injury", "third_party"]
 REGIONS = ["north", "south", "east", "west", "capital"]
@@ -142,19 +213,26 @@ def generate_claims(n_claims:int,              # number of claims
         "ultimate_cost": ultimate_cost,
     })
 
-# %% ../nbs/02_ingest.ipynb #c013
-def read_claims_file(path:Path|str, # a .csv or .parquet file
-                    ) -> pd.DataFrame:
-    "Read a claims table from CSV or Parquet, with one clear error for anything unreadable."
+# %% ../nbs/02_ingest.ipynb #c018
+def read_table(path:Path|str,          # a .csv or .parquet file
+               param:str="data.source", # the params.yaml key that named it, for messages
+              ) -> pd.DataFrame:
+    "Read a table from CSV or Parquet, with one clear error for anything unreadable."
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found (ingest.source)")
+    if not path.is_file():
+        raise DataError(f"{path}: file not found ({param})")
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
-            return pd.read_csv(path)
-        if suffix in (".parquet", ".pq"):
-            return pd.read_parquet(path)
+            names = pd.read_csv(path, nrows=1, header=None).iloc[0].tolist()  # pandas renames repeats to a.1
+            if len(set(names)) < len(names):
+                repeated = sorted({str(name) for name in names if names.count(name) > 1})
+                raise DataError(f"{path}: repeated column name(s): {', '.join(repeated)}")
+            table = pd.read_csv(path, low_memory=False)  # one type per column, not one per chunk
+        elif suffix in (".parquet", ".pq"):
+            table = pd.read_parquet(path)
+        else:
+            raise DataError(f"{path}: unsupported file type '{suffix}' (use .csv or .parquet) ({param})")
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty") from None
     except pd.errors.ParserError as error:
@@ -163,4 +241,58 @@ def read_claims_file(path:Path|str, # a .csv or .parquet file
         raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     except (OSError, ValueError) as error:  # pyarrow raises these for a corrupt Parquet file
         raise DataError(f"{path}: cannot read it as {suffix[1:]}: {error}") from None
-    raise DataError(f"{path}: unsupported file type '{suffix}' (use .csv or .parquet)")
+    if table.columns.duplicated().any():
+        raise DataError(f"{path}: repeated column name(s): {', '.join(map(str, table.columns[table.columns.duplicated()]))}")
+    return table
+
+read_claims_file = read_table  # the name the spine used
+
+# %% ../nbs/02_ingest.ipynb #c021
+def join_aggregated(table:pd.DataFrame, # the first table
+                    extra:pd.DataFrame, # the second table, several rows per id allowed
+                    data:DataParams,    # the declaration: id column, join.source and join.aggregate
+                   ) -> pd.DataFrame:
+    "`table` with the extra table's columns combined per id (left join)."
+    join = data.join
+    for frame, name in [(table, data.source), (extra, join.source)]:
+        if data.id not in frame.columns:
+            raise DataError(f"{name}: no id column '{data.id}' to join on (data.id)")
+    missing = [column for column in join.aggregate if column not in extra.columns]
+    if missing:
+        raise DataError(f"{join.source}: no column(s) {', '.join(missing)} (data.join.aggregate)")
+    clashes = [column for column in join.aggregate if column in table.columns]
+    if clashes:
+        raise DataError(f"{join.source}: column(s) {', '.join(clashes)} already in {data.source}")
+    values = extra[[data.id, *join.aggregate]].copy()
+    for column, how in join.aggregate.items():
+        if how != "count":
+            numbers = pd.to_numeric(values[column], errors="coerce")
+            bad = numbers.isna() & values[column].notna()
+            if bad.any():
+                raise DataError(f"{join.source}: column '{column}' has non-numeric values, e.g. "
+                                f"{values.loc[bad, column].iloc[0]!r} at row {int(bad.idxmax())}")
+            values[column] = numbers
+    if values[data.id].dtype != table[data.id].dtype:
+        raise DataError(f"{join.source}: id column '{data.id}' is {values[data.id].dtype} here but "
+                        f"{table[data.id].dtype} in {data.source}")
+    combined = values.groupby(data.id).agg(join.aggregate)
+    joined = table.merge(combined, how="left", left_on=data.id, right_index=True)
+    for column, how in join.aggregate.items():
+        if how in ("sum", "count"):
+            joined[column] = joined[column].fillna(0)
+    return joined
+
+# %% ../nbs/02_ingest.ipynb #c024
+def ingest_claims(data:DataParams,     # the declared data
+                  params:IngestParams, # the generator's params (used when data.source is empty)
+                  root:Path,           # project root: sources are relative to it
+                 ) -> pd.DataFrame:
+    "The raw claims table, before any check."
+    if not data.source:
+        if data.join.source:
+            raise DataError("data.join.source is set but data.source is empty: there is no first table to join onto")
+        return generate_claims(params.n_claims, params.start_month, params.n_months, params.seed, params.drift)
+    table = read_table(root / data.source)
+    if data.join.source:
+        table = join_aggregated(table, read_table(root / data.join.source, "data.join.source"), data)
+    return table

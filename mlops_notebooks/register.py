@@ -10,7 +10,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from .evaluate import METRIC_DIRECTIONS, cost_metrics
+from .evaluate import METRIC_DIRECTIONS, cost_metrics, deviance_power
 from .settings import StageParams
 
 # %% auto #0
@@ -27,7 +27,7 @@ def _known_metric(name:str) -> str:
 class RegisterParams(StageParams):
     "The `register` section of params.yaml: the promotion rule."
     primary_metric: str = "mean_deviance"                     # the metric a challenger must improve
-    deviance: Literal["squared_error", "poisson", "gamma"] = "gamma"  # the deviance both models are scored with
+    deviance: Literal["objective", "squared_error", "poisson", "gamma"] = "objective"  # both models are scored with it; objective = data.objective's
     min_relative_improvement: float = Field(0.01, ge=0, le=1) # e.g. 0.01: at least 1% better than the champion
     guard_tolerances: dict[str, float] = {}                   # metric -> largest relative worsening allowed
     max_prediction_ratio: float = Field(10.0, gt=1)           # no prediction above this times the largest observed cost
@@ -58,6 +58,8 @@ def relative_improvement(metric:str, new:float, old:float) -> float:
 def sanity_checks(actual:np.ndarray,    # observed costs of the evaluation data
                   predicted:np.ndarray, # the challenger's predictions on it
                   rule:RegisterParams,
+                  deviance:str|float,   # the deviance models are scored with (a name or a Tweedie power)
+                  weight:np.ndarray|None=None, # the declared weight (exposure) of each row
                  ) -> list[dict]:
     "Each check as `{check, passed, detail}`; metrics are computed only when predictions are usable."
     predicted = np.asarray(predicted, dtype=float)
@@ -70,8 +72,9 @@ def sanity_checks(actual:np.ndarray,    # observed costs of the evaluation data
     checks.append({"check": "plausible_range", "passed": bool(in_range),
                    "detail": f"predictions in [{float(np.nanmin(predicted)):.4g}, {largest:.4g}], allowed [0, {ceiling:.4g}]"})
     if in_range:
-        model = cost_metrics(actual, np.maximum(predicted, 1e-9), rule.deviance)[rule.primary_metric]
-        constant = cost_metrics(actual, np.full_like(actual, actual.mean(), dtype=float), rule.deviance)[rule.primary_metric]
+        model = cost_metrics(actual, np.maximum(predicted, 1e-9), deviance, weight)[rule.primary_metric]
+        mean = np.average(actual, weights=weight)
+        constant = cost_metrics(actual, np.full_like(actual, mean, dtype=float), deviance, weight)[rule.primary_metric]
         beats = _better(METRIC_DIRECTIONS[rule.primary_metric], model, constant)
         checks.append({"check": "beats_constant_baseline", "passed": bool(beats),
                        "detail": f"{rule.primary_metric} {model:.6g} vs constant mean {constant:.6g}"})

@@ -113,7 +113,10 @@ def _describe(error:dict, section:str) -> str:
     if error["type"] == "missing":
         return f"{where}: missing key"
     message = error["msg"].removeprefix("Value error, ")
-    return f"{where}: {message[0].lower()}{message[1:]} (got {error.get('input')!r})"
+    message = message[0].lower() + message[1:]
+    if not error["loc"]:  # a rule across keys: the section itself is the input, too long to echo
+        return f"{where}: {message}"
+    return f"{where}: {message} (got {error.get('input')!r})"
 
 def parse_params(model:type[StageParams], # the stage's params model
                  section:str,             # its section name in params.yaml

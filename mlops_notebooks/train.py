@@ -16,61 +16,85 @@ from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OrdinalEncoder
 
-from .features import FeaturesParams
-from .settings import DataError, StageParams
+from .ingest import DataParams
+from .settings import DataError, ParamsError, StageParams
 
 # %% auto #0
-__all__ = ['MODEL_ARTIFACT_NAME', 'TrainParams', 'build_model', 'feature_frame', 'fit_model', 'model_requirements',
-           'log_training_run']
+__all__ = ['MODEL_ARTIFACT_NAME', 'TrainParams', 'build_booster', 'build_model', 'feature_frame', 'sample_weight', 'fit_model',
+           'model_requirements', 'log_training_run']
 
 # %% ../nbs/05_train.ipynb #c004
 class TrainParams(StageParams):
-    "The `train` section of params.yaml: the loss and the gradient-boosting hyper-parameters."
-    loss: Literal["squared_error", "poisson", "gamma"] = "gamma"  # gamma suits positive, right-skewed costs
+    "The `train` section of params.yaml: the estimator and its hyper-parameters (the loss is `data.objective`)."
+    estimator: Literal["hist_gradient_boosting", "xgboost"] = "hist_gradient_boosting"  # xgboost also offers Tweedie
     learning_rate: float = Field(0.1, gt=0, le=10)
-    max_iter: int = Field(100, ge=1)
-    max_leaf_nodes: int = Field(31, ge=2)
-    min_samples_leaf: int = Field(20, ge=1)
+    max_iter: int = Field(100, ge=1)          # boosting rounds
+    max_leaf_nodes: int = Field(31, ge=2)     # leaves per tree
+    min_samples_leaf: int = Field(20, ge=1)   # scikit-learn only: rows per leaf at least
     l2_regularization: float = Field(0.0, ge=0)
     seed: int = 0
 
 # %% ../nbs/05_train.ipynb #c006
-def build_model(categorical:list[str], # categorical feature columns
-                numeric:list[str],     # numeric feature columns
-                params:TrainParams,
-               ) -> Pipeline:
+_SKLEARN_LOSS = {"squared_error": "squared_error", "poisson": "poisson", "gamma": "gamma"}
+_XGBOOST_OBJECTIVE = {"squared_error": "reg:squarederror", "poisson": "count:poisson", "gamma": "reg:gamma",
+                      "tweedie": "reg:tweedie"}
+
+def build_booster(data:DataParams, params:TrainParams):
+    "An unfitted booster for the declared objective."
+    if params.estimator == "xgboost":
+        from xgboost import XGBRegressor
+        extra = {"tweedie_variance_power": data.tweedie_power} if data.objective == "tweedie" else {}
+        return XGBRegressor(
+            objective=_XGBOOST_OBJECTIVE[data.objective], learning_rate=params.learning_rate,
+            n_estimators=params.max_iter, max_leaves=params.max_leaf_nodes, max_depth=0, grow_policy="lossguide",
+            reg_lambda=params.l2_regularization, tree_method="hist", random_state=params.seed,
+            feature_types=["c"] * len(data.categorical) + ["q"] * len(data.numeric), enable_categorical=True,
+            **extra)
+    if data.objective not in _SKLEARN_LOSS:
+        raise ParamsError(f"params.yaml: data.objective={data.objective} needs train.estimator: xgboost "
+                          "(scikit-learn's booster has no Tweedie loss)")
+    return HistGradientBoostingRegressor(
+        loss=_SKLEARN_LOSS[data.objective], learning_rate=params.learning_rate, max_iter=params.max_iter,
+        max_leaf_nodes=params.max_leaf_nodes, min_samples_leaf=params.min_samples_leaf,
+        l2_regularization=params.l2_regularization, early_stopping=False, random_state=params.seed,
+        categorical_features=list(range(len(data.categorical))),  # the encoder puts categorical columns first
+    )
+
+def build_model(data:DataParams, params:TrainParams) -> Pipeline:
     "An unfitted encoding + gradient-boosting pipeline."
     encode = ColumnTransformer(
         [("categorical", OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=np.nan,
-                                        encoded_missing_value=np.nan), categorical),
-         ("numeric", "passthrough", numeric)],
+                                        encoded_missing_value=np.nan), data.categorical),
+         ("numeric", "passthrough", data.numeric)],
         verbose_feature_names_out=False,
     )
-    booster = HistGradientBoostingRegressor(
-        loss=params.loss, learning_rate=params.learning_rate, max_iter=params.max_iter,
-        max_leaf_nodes=params.max_leaf_nodes, min_samples_leaf=params.min_samples_leaf,
-        l2_regularization=params.l2_regularization, early_stopping=False, random_state=params.seed,
-        categorical_features=list(range(len(categorical))),  # the encoder puts categorical columns first
-    )
-    return Pipeline([("encode", encode), ("model", booster)])
+    return Pipeline([("encode", encode), ("model", build_booster(data, params))])
 
-def feature_frame(frame:pd.DataFrame, features:FeaturesParams) -> pd.DataFrame:
+def feature_frame(frame:pd.DataFrame, data:DataParams) -> pd.DataFrame:
     "The model's input columns, in the declared order."
-    return frame[features.categorical + features.numeric]
+    return frame[data.features]
 
-def fit_model(train:pd.DataFrame, features:FeaturesParams, params:TrainParams) -> Pipeline:
-    "Fit the pipeline on the training claims."
+def sample_weight(frame:pd.DataFrame, data:DataParams) -> np.ndarray|None:
+    "The declared weight (exposure) of each row, or None."
+    return frame[data.weight].to_numpy(dtype="float64") if data.weight else None
+
+def fit_model(train:pd.DataFrame, data:DataParams, params:TrainParams) -> Pipeline:
+    "Fit the pipeline on the training rows, weighted by the declared weight."
     if len(train) == 0:
         raise DataError("the training set is empty")
-    model = build_model(features.categorical, features.numeric, params)
-    return model.fit(feature_frame(train, features), train[features.target])
+    model = build_model(data, params)
+    return model.fit(feature_frame(train, data), train[data.model_target],
+                     model__sample_weight=sample_weight(train, data))
 
 # %% ../nbs/05_train.ipynb #c010
 MODEL_ARTIFACT_NAME = "model"
 
-def model_requirements() -> list[str]:
+def model_requirements(model:Pipeline|None=None) -> list[str]:
     "Pinned pip requirements of the logged model, from the running environment."
-    return [f"{package}=={version(package)}" for package in ("scikit-learn", "pandas", "numpy", "cloudpickle")]
+    packages = ["scikit-learn", "pandas", "numpy", "cloudpickle"]
+    if model is not None and type(model[-1]).__module__.startswith("xgboost"):
+        packages.append("xgboost-cpu")
+    return [f"{package}=={version(package)}" for package in packages]
 
 def log_training_run(model:Pipeline,       # the fitted pipeline
                      inputs:pd.DataFrame,  # model input columns of the training data (for signature and example)
@@ -90,9 +114,9 @@ def log_training_run(model:Pipeline,       # the fitted pipeline
         mlflow.log_metrics(metrics)
         logged = mlflow.sklearn.log_model(
             model, name=MODEL_ARTIFACT_NAME, signature=signature, input_example=example,
-            pip_requirements=model_requirements(), serialization_format="cloudpickle")
+            pip_requirements=model_requirements(model), serialization_format="cloudpickle")
     if model_dir is not None:
         mlflow.sklearn.save_model(model, model_dir, signature=signature, input_example=example,
-                                  pip_requirements=model_requirements(), serialization_format="cloudpickle")
+                                  pip_requirements=model_requirements(model), serialization_format="cloudpickle")
     return {"run_id": run.info.run_id, "model_uri": logged.model_uri, "model_id": logged.model_id,
             "experiment_id": run.info.experiment_id}

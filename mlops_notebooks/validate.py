@@ -8,47 +8,51 @@ import pandas as pd
 import pandera.pandas as pa
 from pydantic import Field
 
-from .ingest import CLAIM_TYPES, LINES_OF_BUSINESS, REGIONS
-from .settings import DataError, StageParams
+from .ingest import CLAIM_TYPES, LINES_OF_BUSINESS, REGIONS, DataParams
+from .settings import DataError, ParamsError, StageParams
 
 # %% auto #0
-__all__ = ['ValidateParams', 'claims_schema', 'describe_failures', 'validate_claims']
+__all__ = ['ValidateParams', 'declared_schema', 'describe_failures', 'check_roles', 'check_claims']
 
 # %% ../nbs/03_validate.ipynb #c004
 class ValidateParams(StageParams):
-    "The `validate` section of params.yaml."
-    min_rows: int = Field(ge=1)                 # fewer claims than this is not a portfolio to learn from
-    max_ultimate_cost: float = Field(gt=0)      # a settled cost above this is a data error, not a large loss
+    "The `validate` section of params.yaml: the checks beyond each column's role."
+    min_rows: int = Field(ge=1)                      # fewer rows than this is not a portfolio to learn from
+    max_quarantine_share: float = Field(0.01, ge=0, le=1)  # stop when a larger share of rows breaks the schema
+    ranges: dict[str, tuple[float | None, float | None]] = {}  # column -> [min, max], inclusive; null = open
+    categories: dict[str, list[str | int]] = {}      # column -> its allowed values
+    nullable: list[str] = []                         # feature columns that may be empty
 
 # %% ../nbs/03_validate.ipynb #c006
 def _finite(series:pd.Series) -> pd.Series:
-    return pd.Series(np.isfinite(series.to_numpy(dtype="float64", na_value=np.nan)) | series.isna(), index=series.index)
+    "Not ±inf; empty and non-numeric values are the nullable and type checks' business."
+    numbers = pd.to_numeric(series, errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
+    return pd.Series(~np.isinf(numbers), index=series.index)
 
-def claims_schema(max_ultimate_cost:float, # upper bound on a plausible settled cost
-                 ) -> pa.DataFrameSchema:
-    "The data contract of a claims table."
+def _range_checks(column:str, params:ValidateParams) -> list[pa.Check]:
+    low, high = params.ranges.get(column, (None, None))
+    return ([pa.Check.ge(low)] if low is not None else []) + ([pa.Check.le(high)] if high is not None else [])
+
+def declared_schema(data:DataParams,       # the declared roles
+                    params:ValidateParams, # ranges, categories, nullable columns
+                   ) -> pa.DataFrameSchema:
+    "The data contract of the declared claims table."
     finite = pa.Check(_finite, name="finite")
-    return pa.DataFrameSchema(
-        {
-            "claim_id": pa.Column("int64", unique=True),
-            "report_month": pa.Column("datetime64[ns]"),
-            "line_of_business": pa.Column(str, pa.Check.isin(LINES_OF_BUSINESS)),
-            "claim_type": pa.Column(str, pa.Check.isin(CLAIM_TYPES)),
-            "region": pa.Column(str, pa.Check.isin(REGIONS)),
-            "policyholder_age": pa.Column("int64", pa.Check.in_range(16, 110)),
-            "claimant_age": pa.Column("int64", pa.Check.in_range(0, 110)),
-            "vehicle_age": pa.Column("float64", [finite, pa.Check.in_range(0, 80)], nullable=True),
-            "sum_insured": pa.Column("float64", [finite, pa.Check.gt(0)]),
-            "policy_tenure_years": pa.Column("int64", pa.Check.in_range(0, 100)),
-            "report_delay_days": pa.Column("int64", pa.Check.in_range(0, 36500)),
-            "initial_reserve": pa.Column("float64", [finite, pa.Check.ge(0)]),
-            "injury": pa.Column(bool),
-            "litigation": pa.Column(bool),
-            "ultimate_cost": pa.Column("float64", [finite, pa.Check.gt(0), pa.Check.le(max_ultimate_cost)]),
-        },
-        coerce=True,
-        strict=False,
-    )
+    target_bound = {"gamma": [pa.Check.gt(0)], "poisson": [pa.Check.ge(0)], "tweedie": [pa.Check.ge(0)]}
+    columns = {data.id: pa.Column(None, unique=True, coerce=False)}
+    if data.period:
+        columns[data.period] = pa.Column("datetime64[ns]")
+    for column in data.categorical:
+        allowed = [pa.Check.isin([str(value) for value in params.categories[column]])] if column in params.categories else []
+        columns[column] = pa.Column(None, allowed, nullable=column in params.nullable, coerce=False)
+    for column in data.numeric:
+        columns[column] = pa.Column("float64", [finite, *_range_checks(column, params)],
+                                    nullable=column in params.nullable)
+    columns[data.target] = pa.Column("float64", [finite, *target_bound.get(data.objective, []),
+                                                 *_range_checks(data.target, params)])
+    if data.weight:
+        columns[data.weight] = pa.Column("float64", [finite, pa.Check.gt(0), *_range_checks(data.weight, params)])
+    return pa.DataFrameSchema(columns, coerce=True, strict=True)
 
 # %% ../nbs/03_validate.ipynb #c008
 def describe_failures(failure_cases:pd.DataFrame, # pandera's `SchemaErrors.failure_cases`
@@ -75,15 +79,65 @@ def describe_failures(failure_cases:pd.DataFrame, # pandera's `SchemaErrors.fail
         lines.append(f"column '{column}': {len(group)} value(s) fail {problem}: {examples}{where}")
     return lines
 
-def validate_claims(claims:pd.DataFrame, # the ingested claims
-                    params:ValidateParams,
-                    source:str="claims", # the file's name, for messages
-                   ) -> pd.DataFrame:
-    "The claims with their declared types, or `DataError` listing every column that breaks the contract."
-    if len(claims) < params.min_rows:
-        raise DataError(f"{source}: {len(claims)} rows, fewer than validate.min_rows={params.min_rows}")
+def check_roles(claims:pd.DataFrame, data:DataParams, params:ValidateParams, source:str):
+    "Every declared column is there and every column has a role; the checks name declared columns only."
+    roles = data.roles_by_kind()
+    declared = {column: role for role, columns in roles.items() for column in columns}
+    for key in ("ranges", "categories", "nullable"):
+        unknown = [column for column in getattr(params, key) if column not in declared]
+        if unknown:
+            raise ParamsError(f"params.yaml: validate.{key}: {', '.join(unknown)} is not a declared column of data")
+    missing = [f"'{column}' (data.{role})" for column, role in declared.items() if column not in claims.columns]
+    if missing:
+        raise DataError(f"{source}: declared column(s) missing: {', '.join(missing)}")
+    unassigned = [column for column in claims.columns if column not in declared]
+    if unassigned:
+        raise DataError(f"{source}: column(s) without a role: {', '.join(map(str, unassigned))} "
+                        "(declare each under data.categorical, data.numeric or data.dropped)")
+
+def _row_reasons(failure_cases:pd.DataFrame) -> pd.Series:
+    "Row label -> why it fails ('column: check; ...'), from pandera's row-level failure cases."
+    cases = failure_cases.dropna(subset=["index"])
+    cases = cases[~cases["check"].astype(str).str.startswith("dtype(")].copy()  # follows a failed coercion
+    cases["reason"] = cases["column"].astype(str) + ": " + cases["check"].astype(str).replace(
+        {"field_uniqueness": "duplicate id", "not_nullable": "empty"})
+    reasons = cases.groupby("index")["reason"].agg(lambda reasons: "; ".join(sorted(set(reasons))))
+    reasons.index = reasons.index.astype("int64")  # pandera gives the row labels as objects
+    return reasons
+
+def check_claims(raw:pd.DataFrame,        # the ingested table
+                 data:DataParams,         # the declared roles
+                 params:ValidateParams,   # the checks
+                 source:str="claims",     # the file's name, for messages
+                ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "(clean rows with their declared types, quarantined rows with a `reason`); `DataError` when the table is unusable."
+    if len(raw) < params.min_rows:
+        raise DataError(f"{source}: {len(raw)} rows, fewer than validate.min_rows={params.min_rows}")
+    check_roles(raw, data, params, source)
+    frame = raw.drop(columns=data.dropped)
+    for column in data.categorical:  # categories are compared as text, whatever the file stored
+        frame[column] = frame[column].astype(str)
+    schema = declared_schema(data, params)
     try:
-        return claims_schema(params.max_ultimate_cost).validate(claims, lazy=True)
+        return schema.validate(frame, lazy=True), raw.iloc[:0].assign(reason=pd.Series(dtype=str))
     except pa.errors.SchemaErrors as errors:
-        lines = describe_failures(errors.failure_cases)
-        raise DataError(f"{source} breaks the claims schema:\n  " + "\n  ".join(lines)) from None
+        cases = errors.failure_cases
+    lines = describe_failures(cases)
+    # Checks on a column that could not be coerced fail as a whole; its bad rows are already named by the coercion.
+    uncoercible = cases.loc[cases["check"].astype(str).str.startswith("coerce_dtype"), "column"]
+    if (cases["index"].isna() & ~cases["column"].isin(uncoercible)).any():  # a problem of a whole column
+        raise DataError(f"{source} breaks the schema:\n  " + "\n  ".join(lines))
+    reasons = _row_reasons(cases)
+    share = len(reasons) / len(raw)
+    if share > params.max_quarantine_share:
+        raise DataError(f"{source}: {len(reasons):,} of {len(raw):,} rows ({share:.2%}) break the schema, more than "
+                        f"validate.max_quarantine_share={params.max_quarantine_share}:\n  " + "\n  ".join(lines))
+    quarantine = raw.loc[reasons.index].assign(reason=reasons.to_numpy())
+    try:
+        clean = schema.validate(frame.drop(index=reasons.index), lazy=True)
+    except pa.errors.SchemaErrors as errors:  # e.g. too few rows left for a check of the whole column
+        raise DataError(f"{source} breaks the schema once bad rows are set aside:\n  "
+                        + "\n  ".join(describe_failures(errors.failure_cases))) from None
+    if len(clean) < params.min_rows:
+        raise DataError(f"{source}: {len(clean)} good rows, fewer than validate.min_rows={params.min_rows}")
+    return clean, quarantine

@@ -38,25 +38,60 @@ def test_an_unknown_param_stops_its_stage_and_leaves_no_model(tmp_path):
 
 def test_a_broken_csv_is_named(tmp_path):
     project = copy_project(tmp_path)
-    (project / "claims.csv").write_text("claim_id,report_month\n1,2023-01\n2,2023-02,extra,fields\n")
-    _with_params(project, {"ingest": {"source": "claims.csv"}})
+    (project / "data/sources/claims.csv").write_text("claim_id,report_month\n1,2023-01\n2,2023-02,extra,fields\n")
+    _with_params(project, {"data": {"source": "data/sources/claims.csv"}})
     output = _failure(project)
     assert "DataError:" in output and "claims.csv: not a well-formed CSV" in output
     assert not (project / "data/raw/claims.parquet").exists()
 
 
+def _claims_csv(project, rows=2000):
+    from mlops_notebooks.ingest import generate_claims
+    return generate_claims(rows, "2023-01", 12, seed=0)
+
+
 def test_a_csv_missing_a_column_stops_validation(tmp_path):
     project = copy_project(tmp_path)
-    from mlops_notebooks.ingest import generate_claims
-    claims = generate_claims(2000, "2023-01", 12, seed=0).drop(columns=["litigation"])
-    claims.loc[5, "ultimate_cost"] = -1.0
-    claims.to_csv(project / "claims.csv", index=False)
-    _with_params(project, {"ingest": {"source": "claims.csv"}})
+    _claims_csv(project).drop(columns=["litigation"]).to_csv(project / "data/sources/claims.csv", index=False)
+    _with_params(project, {"data": {"source": "data/sources/claims.csv"}})
     output = _failure(project)
-    assert "DataError: data/raw/claims.parquet breaks the claims schema" in output
-    assert "column 'litigation': missing" in output
-    assert "column 'ultimate_cost': 1 value(s) fail greater_than(0): -1.0 (first at row 5)" in output
+    assert "DataError: data/sources/claims.csv: declared column(s) missing: 'litigation' (data.numeric)" in output
     assert not (project / "data/interim/claims.parquet").exists()
+    assert not (project / "data/quarantine/claims.parquet").exists()
+
+
+def test_a_few_bad_rows_are_quarantined_with_their_reason(tmp_path):
+    project = copy_project(tmp_path)
+    claims = _claims_csv(project)
+    claims.loc[5, "ultimate_cost"] = -1.0
+    claims.loc[9, "region"] = "atlantis"
+    claims.to_csv(project / "data/sources/claims.csv", index=False)
+    _with_params(project, {"data": {"source": "data/sources/claims.csv"}})
+    dvc(project, "repro", "validate")
+    import json
+    import pandas as pd
+    quarantine = pd.read_parquet(project / "data/quarantine/claims.parquet")
+    assert sorted(quarantine["claim_id"]) == [6, 10]
+    reasons = dict(zip(quarantine["claim_id"], quarantine["reason"]))
+    assert reasons[6] == "ultimate_cost: greater_than(0)" and reasons[10].startswith("region: isin(")
+    clean = pd.read_parquet(project / "data/interim/claims.parquet")
+    assert len(clean) == 1998 and not clean["claim_id"].isin([6, 10]).any()
+    summary = json.loads((project / "reports/validation.json").read_text())
+    assert summary["quarantined"] == 2 and summary["rows"] == 1998
+
+
+def test_too_many_bad_rows_stop_validation_naming_column_and_problem(tmp_path):
+    project = copy_project(tmp_path)
+    claims = _claims_csv(project)
+    claims.loc[:39, "ultimate_cost"] = -1.0   # 40 of 2000 rows = 2%, over the 1% allowed
+    claims.to_csv(project / "data/sources/claims.csv", index=False)
+    _with_params(project, {"data": {"source": "data/sources/claims.csv"}})
+    output = _failure(project)
+    assert ("DataError: data/sources/claims.csv: 40 of 2,000 rows (2.00%) break the schema, "
+            "more than validate.max_quarantine_share=0.01") in output
+    assert "column 'ultimate_cost': 40 value(s) fail greater_than(0): -1.0 (first at row 0)" in output
+    assert not (project / "data/interim/claims.parquet").exists()
+    assert not (project / "data/quarantine/claims.parquet").exists()
 
 
 def test_a_missing_input_names_the_stage_that_makes_it(tmp_path):
