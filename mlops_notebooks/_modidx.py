@@ -64,6 +64,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                         'mlops_notebooks.ingest.generate_claims': ( 'ingest.html#generate_claims',
                                                                                     'mlops_notebooks/ingest.py'),
                                         'mlops_notebooks.ingest.ingest_claims': ('ingest.html#ingest_claims', 'mlops_notebooks/ingest.py'),
+                                        'mlops_notebooks.ingest.ingest_stage': ('ingest.html#ingest_stage', 'mlops_notebooks/ingest.py'),
                                         'mlops_notebooks.ingest.join_aggregated': ( 'ingest.html#join_aggregated',
                                                                                     'mlops_notebooks/ingest.py'),
                                         'mlops_notebooks.ingest.read_table': ('ingest.html#read_table', 'mlops_notebooks/ingest.py')},
@@ -141,4 +142,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                           'mlops_notebooks.validate.declared_schema': ( 'validate.html#declared_schema',
                                                                                         'mlops_notebooks/validate.py'),
                                           'mlops_notebooks.validate.describe_failures': ( 'validate.html#describe_failures',
-                                                                                          'mlops_notebooks/validate.py')}}}
+                                                                                          'mlops_notebooks/validate.py'),
+                                          'mlops_notebooks.validate.validate_stage': ( 'validate.html#validate_stage',
+                                                                                       'mlops_notebooks/validate.py')}}}

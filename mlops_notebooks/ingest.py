@@ -14,8 +14,8 @@ from .settings import DataError, StageParams
 
 # %% auto #0
 __all__ = ['Objective', 'Aggregation', 'DEVIANCE_POWER', 'CLAIMS_DATA', 'LINES_OF_BUSINESS', 'CLAIM_TYPES', 'REGIONS',
-           'read_claims_file', 'JoinedTable', 'DataParams', 'DriftKnobs', 'IngestParams', 'generate_claims',
-           'read_table', 'join_aggregated', 'ingest_claims']
+           'read_claims_file', 'RAW_CLAIMS', 'JoinedTable', 'DataParams', 'DriftKnobs', 'IngestParams',
+           'generate_claims', 'read_table', 'join_aggregated', 'ingest_claims', 'ingest_stage']
 
 # %% ../nbs/02_ingest.ipynb #c005
 Objective = Literal["squared_error", "poisson", "gamma", "tweedie"]
@@ -296,3 +296,15 @@ def ingest_claims(data:DataParams,     # the declared data
     if data.join.source:
         table = join_aggregated(table, read_table(root / data.join.source, "data.join.source"), data)
     return table
+
+RAW_CLAIMS = "data/raw/claims.parquet"
+
+def ingest_stage(root:Path, data:DataParams, params:IngestParams) -> pd.DataFrame:
+    "The stage: ingest the claims and write them to `data/raw/claims.parquet`."
+    from mlops_notebooks.artifacts import write_parquet
+    claims = ingest_claims(data, params, root)
+    try:
+        write_parquet(claims, root / RAW_CLAIMS)
+    except (TypeError, ValueError) as error:  # pyarrow's errors for a column of mixed types derive from these
+        raise DataError(f"{data.source or 'claims'}: cannot store the table: {str(error).splitlines()[0]}") from None
+    return claims

@@ -12,7 +12,7 @@ from .ingest import CLAIM_TYPES, LINES_OF_BUSINESS, REGIONS, DataParams
 from .settings import DataError, ParamsError, StageParams
 
 # %% auto #0
-__all__ = ['ValidateParams', 'declared_schema', 'describe_failures', 'check_roles', 'check_claims']
+__all__ = ['ValidateParams', 'declared_schema', 'describe_failures', 'check_roles', 'check_claims', 'validate_stage']
 
 # %% ../nbs/03_validate.ipynb #c004
 class ValidateParams(StageParams):
@@ -141,3 +141,26 @@ def check_claims(raw:pd.DataFrame,        # the ingested table
     if len(clean) < params.min_rows:
         raise DataError(f"{source}: {len(clean)} good rows, fewer than validate.min_rows={params.min_rows}")
     return clean, quarantine
+
+# %% ../nbs/03_validate.ipynb #c012
+def validate_stage(root, data:DataParams, params:ValidateParams) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    "The stage: check the raw claims and write the clean rows, the quarantined ones and a summary."
+    from mlops_notebooks.artifacts import read_parquet, write_json, write_parquet
+    raw = read_parquet(root / "data/raw/claims.parquet", made_by="ingest")
+    claims, quarantine = check_claims(raw, data, params, source=data.source or "data/raw/claims.parquet")
+    summary = {
+        "rows_in": len(raw),
+        "rows": len(claims),
+        "quarantined": len(quarantine),
+        "quarantined_share": len(quarantine) / len(raw),
+        "quarantine_reasons": quarantine["reason"].value_counts().to_dict(),
+        "columns": list(claims.columns),
+        "null_share": {column: float(share) for column, share in claims.isna().mean().items() if share > 0},
+    }
+    if data.period:
+        summary["periods"] = [f"{claims[data.period].min():%Y-%m}", f"{claims[data.period].max():%Y-%m}"]
+    write_parquet(quarantine.astype({column: str for column in quarantine.columns if quarantine[column].dtype == object}),
+                  root / "data/quarantine/claims.parquet")
+    write_parquet(claims, root / "data/interim/claims.parquet")
+    write_json(summary, root / "reports/validation.json")
+    return claims, quarantine, summary

@@ -53,7 +53,7 @@ def test_the_mlflow_run_carries_the_lineage(repro_project):
     assert tags["lineage.data.data/processed/test.parquet"] == hashes["data/processed/test.parquet"]
     assert tags["lineage.params.train.max_iter"] == "40"
     assert tags["lineage.reports"] == "reports/05_train.ipynb,reports/06_evaluate.ipynb"
-    assert run.data.params["train.loss"] == "gamma"
+    assert run.data.params["data.objective"] == "gamma"
     assert run.data.metrics["test_d2"] == json.loads((repro_project / "reports/metrics.json").read_text())["d2"]
     logged = mlflow.get_logged_model(run_record["model_id"])
     assert logged.source_run_id == run_record["run_id"]

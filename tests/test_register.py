@@ -17,7 +17,7 @@ MODEL = "claims-cost"
 WORSE = {"train": {"max_iter": 5}}
 BETTER = {"train": {"max_iter": 60, "max_leaf_nodes": 8, "min_samples_leaf": 50}}
 # A Poisson booster with a huge learning rate on heavy-tailed costs: predictions around 1e78 here.
-DIVERGED = {"train": {"loss": "poisson", "learning_rate": 3.0}}
+DIVERGED = {"data": {"objective": "poisson"}, "train": {"learning_rate": 3.0}}
 
 
 def client_for(project: Path) -> MlflowClient:
@@ -118,7 +118,7 @@ def test_every_version_carries_lineage_and_its_decision(lifecycle):
     newest = client.get_model_version(MODEL, "4")
     assert newest.tags["lineage.git_dirty"] == "true", "params.yaml was edited and not committed"
     assert newest.tags["lineage.data.data/processed/test.parquet"] == lock_hashes["data/processed/test.parquet"]
-    assert newest.tags["lineage.params.train.loss"] == "poisson"
+    assert newest.tags["lineage.params.data.objective"] == "poisson"
 
 
 def test_audit_matches_the_registry(lifecycle):

@@ -1,0 +1,81 @@
+"""The template on real data: the two freMTPL2 examples (678,013 French motor policies from ../shared) run end to
+end through the same pipeline as the embedded default, as `make fremtpl2-frequency` / `make fremtpl2-pure-premium`
+run them: the example params file becomes params.yaml, the files go under data/sources/, and the run gets its own
+registered model name. CI has ../shared, so these are never skipped."""
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO, copy_project, dvc
+
+FREMTPL2 = REPO.parent / "shared" / "data" / "freMTPL2"
+
+
+def run_example(tmp_path_factory, example: str) -> dict:
+    assert (FREMTPL2 / "freMTPL2freq.csv").exists(), f"the freMTPL2 data is expected at {FREMTPL2}"
+    project = copy_project(tmp_path_factory.mktemp(example), params=None)
+    for name in ("freMTPL2freq.csv", "freMTPL2sev.csv"):
+        shutil.copy(FREMTPL2 / name, project / "data/sources" / name)
+    shutil.copy(REPO / "examples/fremtpl2" / f"{example}.yaml", project / "params.yaml")
+    model_name = "fremtpl2-" + example.replace("_", "-")
+    dvc(project, "repro", env={"MLOPS_REGISTERED_MODEL_NAME": model_name, "MLOPS_EXPERIMENT_NAME": model_name})
+    return {"project": project,
+            "metrics": json.loads((project / "reports/metrics.json").read_text()),
+            "validation": json.loads((project / "reports/validation.json").read_text()),
+            "decision": json.loads((project / "reports/register_decision.json").read_text()),
+            "model_name": model_name}
+
+
+@pytest.fixture(scope="module")
+def frequency(tmp_path_factory):
+    return run_example(tmp_path_factory, "frequency")
+
+
+@pytest.fixture(scope="module")
+def pure_premium(tmp_path_factory):
+    return run_example(tmp_path_factory, "pure_premium")
+
+
+def test_frequency_model_beats_the_goal_on_a_fixed_random_split(frequency):
+    metrics = frequency["metrics"]
+    # 90/10 split, seed 0, of the policies that pass validation; exposure-weighted Poisson deviance.
+    assert metrics["rows"] == 67_678
+    assert metrics["d2"] >= 0.065, metrics          # the issue's goal (a Poisson GLM reaches about 0.042)
+    assert metrics["gini"] > 0.3, metrics
+    assert metrics["r2"] < 0.1, "claim counts are mostly zero: R² says little, which is why D² and Gini are reported"
+    assert abs(metrics["mean_predicted"] / metrics["mean_actual"] - 1) < 0.05, "the model is calibrated on average"
+
+
+def test_frequency_quarantines_implausible_policies_with_their_reason(frequency):
+    validation = frequency["validation"]
+    assert validation["rows_in"] == 678_013
+    assert validation["quarantine_reasons"] == {"Exposure: less_than_or_equal_to(1.0)": 1224,
+                                                "ClaimNb: less_than_or_equal_to(4.0)": 9}
+    quarantine = pd.read_parquet(frequency["project"] / "data/quarantine/claims.parquet")
+    assert len(quarantine) == 1233 and ((quarantine["Exposure"] > 1) | (quarantine["ClaimNb"] > 4)).all()
+
+
+def test_frequency_model_is_registered_under_its_own_name(frequency):
+    decision = frequency["decision"]
+    assert decision["model_name"] == "fremtpl2-frequency" and decision["outcome"] == "promoted"
+    assert decision["rule"]["deviance_power"] == 1.0
+    assert decision["challenger"]["metrics"]["d2"] == pytest.approx(frequency["metrics"]["d2"])
+
+
+def test_pure_premium_joins_claim_amounts_and_ranks_risks(pure_premium):
+    project = pure_premium["project"]
+    raw = pd.read_parquet(project / "data/raw/claims.parquet", columns=["IDpol", "ClaimAmount"])
+    amounts = pd.read_csv(FREMTPL2 / "freMTPL2sev.csv")
+    joined_total = amounts[amounts["IDpol"].isin(raw["IDpol"])]["ClaimAmount"].sum()
+    assert len(raw) == 678_013 and raw["ClaimAmount"].sum() == pytest.approx(joined_total)
+    assert (raw["ClaimAmount"] == 0).mean() > 0.9, "most policies had no claim"
+    metrics = pure_premium["metrics"]
+    assert metrics["d2"] > 0, metrics        # Tweedie (power 1.9) deviance, exposure-weighted
+    assert metrics["gini"] > 0.2, metrics
+    decision = pure_premium["decision"]
+    assert decision["model_name"] == "fremtpl2-pure-premium" and decision["rule"]["deviance_power"] == 1.9
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert params["train"]["estimator"] == "xgboost" and params["data"]["objective"] == "tweedie"
