@@ -72,7 +72,7 @@ def describe_failures(failure_cases:pd.DataFrame, # pandera's `SchemaErrors.fail
         if check == "column_in_dataframe":
             lines.append(f"column '{column}': missing")
             continue
-        examples = ", ".join(repr(value) for value in group["failure_case"].head(3))
+        examples = ", ".join(repr(value) for value in group["failure_case"].drop_duplicates().head(3))
         rows = group["index"].dropna()
         where = f" (first at row {int(rows.iloc[0])})" if len(rows) else ""
         problem = check.replace("coerce_dtype", "cannot be read as ").replace("('", "").replace("')", "")
