@@ -5,6 +5,7 @@ Used by tests/test_docs.py. Chromium is Debian's `chromium` package (`make brows
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import shutil
 import subprocess
@@ -54,7 +55,9 @@ class Chromium:
             [self.executable, *FLAGS, "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
              f"--user-data-dir={self.profile}", "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.socket = connect(self._browser_endpoint(), max_size=None, open_timeout=timeout)
+        self._resources = contextlib.ExitStack()  # websockets wants its connection used as a context manager
+        self.socket = self._resources.enter_context(connect(self._browser_endpoint(), max_size=None,
+                                                            open_timeout=timeout))
         self._next_id = 0
 
     def _browser_endpoint(self) -> str:
@@ -159,7 +162,7 @@ class Chromium:
 
     def close(self):
         try:
-            self.socket.close()
+            self._resources.close()
         finally:
             self.process.terminate()
             try:

@@ -70,8 +70,8 @@ def test_site_has_every_page(site, repro_project):
     for notebook in modules:
         assert (site / "api" / f"{notebook.stem}.html").is_file(), notebook.name
     reports = sorted((repro_project / "reports").glob("[0-9][0-9]_*.ipynb"))
-    assert [path.stem for path in reports] == ["02_ingest", "03_validate", "04_features", "05_train", "06_evaluate",
-                                               "07_register"]
+    assert {"02_ingest", "03_validate", "04_features", "05_train", "06_evaluate", "07_register"} <= {
+        path.stem for path in reports}
     for report in reports:
         assert (site / "reports" / f"{report.stem}.html").is_file(), report.name
 
