@@ -71,6 +71,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                 'mlops_notebooks/docs.py'),
                                       'mlops_notebooks.docs.show_docs_from_library.begin': ( 'docs.html#show_docs_from_library.begin',
                                                                                              'mlops_notebooks/docs.py'),
+                                      'mlops_notebooks.docs.shown_uri': ('docs.html#shown_uri', 'mlops_notebooks/docs.py'),
                                       'mlops_notebooks.docs.stage_sections': ('docs.html#stage_sections', 'mlops_notebooks/docs.py'),
                                       'mlops_notebooks.docs.write_page': ('docs.html#write_page', 'mlops_notebooks/docs.py')},
             'mlops_notebooks.evaluate': { 'mlops_notebooks.evaluate.EvaluateParams': ( 'evaluate.html#evaluateparams',

@@ -41,9 +41,9 @@ __all__ = ['CELL_KEYS', 'REMOVE_CELL', 'REMOVE_INPUT', 'REMOVE_OUTPUT', 'NO_REPO
            'field_comments', 'field_table', 'argument_table', 'ArgTableRenderer', 'calls_show_doc', 'exported_module',
            'show_docs_from_library', 'api_processors', 'report_processors', 'process_notebook', 'QuartoOptions',
            'front_matter', 'notebook_markdown', 'retarget_links', 'write_page', 'stage_sections', 'report_intro',
-           'json_table', 'reports_overview', 'decision_markdown', 'card_markdown', 'champion_report', 'broken_links',
-           'library_notebooks', 'api_pages', 'links_from', 'build_api_pages', 'build_report_pages', 'build_model_card',
-           'build_site', 'main']
+           'json_table', 'reports_overview', 'decision_markdown', 'card_markdown', 'shown_uri', 'champion_report',
+           'broken_links', 'library_notebooks', 'api_pages', 'links_from', 'build_api_pages', 'build_report_pages',
+           'build_model_card', 'build_site', 'main']
 
 # %% ../nbs/10_docs.ipynb #c005
 def field_comments(model:type) -> dict:
@@ -341,6 +341,13 @@ def card_markdown(report:dict|None,     # `lineage_report` of the champion, None
                   decision_markdown(latest_decision)]
     return "\n".join(lines) + "\n"
 
+def shown_uri(uri:str, root:Path) -> str:
+    "The tracking URI as the site shows it: a SQLite store inside the project relative to it (no local paths)."
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and Path(uri[len(prefix):]).resolve().is_relative_to(Path(root).resolve()):
+        return prefix + Path(uri[len(prefix):]).resolve().relative_to(Path(root).resolve()).as_posix()
+    return uri
+
 def champion_report(root:Path) -> tuple[dict|None, str, str]:
     "(the champion's `lineage_report` or None, tracking URI, model name), read from the registry in settings.ini."
     from mlflow import MlflowClient
@@ -348,13 +355,14 @@ def champion_report(root:Path) -> tuple[dict|None, str, str]:
     from mlops_notebooks.register import CHAMPION, version_by_alias
     settings = load_settings(root)
     uri, name = settings.tracking_uri, settings.registered_model_name
+    shown = shown_uri(uri, root)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
-        return None, uri, name  # no store yet; opening one would create it
+        return None, shown, name  # no store yet; opening one would create it
     client = MlflowClient(tracking_uri=uri)
     version = version_by_alias(client, name, CHAMPION)
     if version is None:
-        return None, uri, name
-    return lineage_report(client, version, version.run_id), uri, name
+        return None, shown, name
+    return lineage_report(client, version, version.run_id), shown, name
 
 # %% ../nbs/10_docs.ipynb #c028
 class _References(HTMLParser):
@@ -386,7 +394,7 @@ def broken_links(site:Path) -> list[str]:
 
 # %% ../nbs/10_docs.ipynb #c031
 STAGING, SITE = "_docs_md", "_docs"
-GUIDES = "docs"
+GUIDES = "docs"  # hand-written pages (Markdown), in the navigation in file name order
 
 def library_notebooks(root:Path) -> list[Path]:
     "The numbered notebooks that export a module, in order."
@@ -460,9 +468,9 @@ def build_site(root:Path|str, # the project root (with mkdocs.yml, nbs/, docs/)
     title, description = _title(home, "Home")
     pages = api_pages(root)
     write_page(staging / "index.md", title, description, home, links_from("", pages))
+    if (root / GUIDES).is_dir():  # the hand-written pages (and anything they show), as they are
+        shutil.copytree(root / GUIDES, staging, dirs_exist_ok=True)
     guides = sorted((root / GUIDES).glob("*.md"))
-    for guide in guides:
-        shutil.copy2(guide, staging / guide.name)
     api_nav = build_api_pages(root, staging, pages)
     reports_nav = build_report_pages(root, staging, pages)
     build_model_card(root, staging)
