@@ -25,6 +25,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                      'mlops_notebooks.cli.main': ('cli.html#main', 'mlops_notebooks/cli.py'),
                                      'mlops_notebooks.cli.resolve_target': ('cli.html#resolve_target', 'mlops_notebooks/cli.py')},
             'mlops_notebooks.docs': { 'mlops_notebooks.docs.ArgTableRenderer': ('docs.html#argtablerenderer', 'mlops_notebooks/docs.py'),
+                                      'mlops_notebooks.docs.ArgTableRenderer.__init__': ( 'docs.html#argtablerenderer.__init__',
+                                                                                          'mlops_notebooks/docs.py'),
                                       'mlops_notebooks.docs.ArgTableRenderer._repr_markdown_': ( 'docs.html#argtablerenderer._repr_markdown_',
                                                                                                  'mlops_notebooks/docs.py'),
                                       'mlops_notebooks.docs.QuartoOptions': ('docs.html#quartooptions', 'mlops_notebooks/docs.py'),

@@ -82,6 +82,12 @@ def argument_table(symbol) -> str:
 
 class ArgTableRenderer(BasicMarkdownRenderer):
     "nbdev's Markdown `show_doc` followed by the argument table."
+    def __init__(self, sym, *args, **kwargs):
+        super().__init__(sym, *args, **kwargs)
+        if isinstance(sym, type) and issubclass(sym, BaseModel):
+            # pydantic's signature is `(**data)`: show the class line, the fields are in the table
+            self.dm = f"class {sym.__name__}({', '.join(base.__name__ for base in sym.__bases__)})"
+
     def _repr_markdown_(self):
         table = argument_table(self.sym)
         return super()._repr_markdown_() + (f"\n\n{table}" if table else "")
