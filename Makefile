@@ -11,7 +11,7 @@ export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: env pipeline test lab export bench lock help fremtpl2-frequency fremtpl2-pure-premium
+.PHONY: env pipeline test lab export bench lock docs docs-serve browser help fremtpl2-frequency fremtpl2-pure-premium
 
 help:
 	@echo "make pipeline  - run the whole DVC pipeline (dvc repro) on the embedded default"
@@ -20,6 +20,8 @@ help:
 	@echo "make export    - nbdev-export + nbdev-clean after editing notebooks"
 	@echo "make bench     - run every benchmark under benchmarks/"
 	@echo "make lock      - re-pin requirements.lock after changing pyproject.toml"
+	@echo "make docs      - build the documentation site into _docs/ (after make pipeline: it shows the latest run)"
+	@echo "make docs-serve - build it and serve it on http://127.0.0.1:$(DOCS_PORT)"
 	@echo "make fremtpl2-frequency / fremtpl2-pure-premium - the pipeline on the real freMTPL2 data (replaces params.yaml)"
 
 env: $(STAMP)
@@ -37,7 +39,8 @@ $(STAMP): requirements.lock pyproject.toml
 pipeline: $(STAMP)
 	$(BIN)/dvc repro
 
-test: $(STAMP)
+# The docs test loads every page in headless Chromium, so `make test` needs it (installed here when missing).
+test: $(STAMP) browser
 	$(BIN)/pytest -q tests/test_sync.py
 	$(BIN)/nbdev-test --n-workers 2
 	$(BIN)/pytest -q tests --ignore=tests/test_sync.py
@@ -67,3 +70,17 @@ fremtpl2-frequency fremtpl2-pure-premium: $(STAMP)
 # Regenerate the lock file after changing dependencies in pyproject.toml.
 lock: $(STAMP)
 	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 --override lock-overrides.txt -o requirements.lock
+
+# The documentation site: pages from the notebooks, docs/*.md, the latest run's reports/ and the registry (MkDocs Material).
+DOCS_PORT ?= 8001
+docs: $(STAMP)
+	$(BIN)/python -m mlops_notebooks.docs
+
+docs-serve: docs
+	$(BIN)/python -m http.server --bind 127.0.0.1 --directory _docs $(DOCS_PORT)
+
+# Debian's chromium, for the docs' browser test. apt-get needs root: sudo when not root.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+	@command -v chromium >/dev/null || { echo "chromium is missing and could not be installed"; exit 1; }
