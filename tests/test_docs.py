@@ -80,7 +80,7 @@ def test_api_page_shows_signatures_argument_tables_and_examples(site):
     page = _html(site, "api/04_features.html")
     assert "split_by_month" in page and "latest months to hold out" in page
     assert re.search(r"<td>test_months</td>\s*<td>int</td>\s*<td></td>\s*<td>latest months to hold out</td>", page)
-    assert "the latest report months held out as the test set" in page  # FeaturesParams' field table
+    assert "time split: the latest report months held out" in page  # FeaturesParams' field table
     assert "no training claim may come after a test claim" in page     # an example cell
     assert "#|" not in page and "&quot;parameters&quot;" not in page
 
