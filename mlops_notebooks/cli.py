@@ -11,10 +11,12 @@ import sys
 from .settings import UserError, configure_mlflow, load_settings, project_root
 
 # %% auto #0
-__all__ = ['resolve_target', 'lineage_report', 'format_report', 'audit', 'build_parser', 'main']
+__all__ = ['resolve_target', 'request_record', 'lineage_report', 'format_report', 'audit', 'serve', 'score', 'build_parser',
+           'main']
 
 # %% ../nbs/08_cli.ipynb #c004
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+_REQUEST_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
 def resolve_target(client, target:str, default_name:str):
@@ -38,7 +40,17 @@ def resolve_target(client, target:str, default_name:str):
     except MlflowException as error:
         raise UserError(f"audit {target}: not found in the registry ({str(error).splitlines()[0]})") from None
     raise UserError(f"audit {target}: expected models:/<name>@<alias>, models:/<name>/<version>, "
-                    "a version number or a 32-character run id")
+                    "a version number, a 32-character run id or a request id")
+
+def request_record(prediction_log, request_id:str) -> dict:
+    "What the prediction log holds about one request: time, model name and version, rows and predictions."
+    from mlops_notebooks.serve import read_prediction_log
+    rows = read_prediction_log(prediction_log, request_id)
+    if rows.empty:
+        raise UserError(f"audit {request_id}: no such request in the prediction log {prediction_log}")
+    return {"request_id": request_id, "logged_at": rows["logged_at"].iloc[0].isoformat(),
+            "model_name": rows["model_name"].iloc[0], "model_version": int(rows["model_version"].iloc[0]),
+            "rows": len(rows), "predictions": rows["prediction"].tolist()}
 
 def lineage_report(client, version, run_id:str) -> dict:
     "Lineage, metrics and decision record of a model version (or of a run that was never registered)."
@@ -84,6 +96,11 @@ def format_report(report:dict) -> str:
         lines += [f"  {'pass' if check['passed'] else 'FAIL'}  {check['check']}: {check['detail']}" for check in decision["checks"]]
     elif decision:
         lines += ["", f"decision   {decision}"]
+    request = report.get("request")
+    if request:
+        shown = ", ".join(f"{value:.6g}" for value in request["predictions"][:5])
+        lines = [f"request    {request['request_id']} at {request['logged_at']}: {request['rows']} row(s), "
+                 f"predictions {shown}{' ...' if request['rows'] > 5 else ''}", "answered by " + lines[0], *lines[1:]]
     return "\n".join(lines)
 
 # %% ../nbs/08_cli.ipynb #c008
@@ -93,9 +110,38 @@ def audit(args) -> int:
     settings = load_settings(root)
     configure_mlflow(settings, root)
     client = MlflowClient()
-    version, run_id = resolve_target(client, args.target, settings.registered_model_name)
+    request = None
+    target = args.target
+    if _REQUEST_ID.match(target):
+        request = request_record(settings.prediction_log, target)
+        target = f"models:/{request['model_name']}/{request['model_version']}"
+    version, run_id = resolve_target(client, target, settings.registered_model_name)
     report = lineage_report(client, version, run_id)
+    if request is not None:
+        report = {"request": request, **report}
     print(json.dumps(report, indent=2, sort_keys=True) if args.json else format_report(report))
+    return 0
+
+def serve(args) -> int:
+    from mlops_notebooks.serve import serve as run_service
+    settings = load_settings(project_root())
+    run_service(settings, host=args.host, port=args.port)
+    return 0
+
+def score(args) -> int:
+    from mlflow import MlflowClient
+    from mlops_notebooks.serve import load_champion, score_file
+    root = project_root()
+    settings = load_settings(root)
+    configure_mlflow(settings, root)
+    client = MlflowClient()
+    version, _ = resolve_target(client, args.model or f"models:/{settings.registered_model_name}@champion",
+                                settings.registered_model_name)
+    if version is None:
+        raise UserError(f"score --model {args.model}: that run has no registered model version")
+    champion = load_champion(client, version.name, version)
+    scored = score_file(champion, args.claims, args.output)
+    print(f"scored {len(scored)} claims with {champion.name} version {champion.version} -> {args.output}")
     return 0
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
                                              "of the configured model, or a run id")
     audit_parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     audit_parser.set_defaults(handler=audit)
+    serve_parser = commands.add_parser(
+        "serve", help="serve the registry's champion over HTTP (POST /predict, GET /health, GET /model)",
+        description="Start the prediction service on service_host:service_port from settings.ini. It follows the "
+                    "registry's champion alias and logs every prediction to settings.ini's prediction_log.")
+    serve_parser.add_argument("--host", help="bind address (default: settings.ini service_host)")
+    serve_parser.add_argument("--port", type=int, help="port (default: settings.ini service_port)")
+    serve_parser.set_defaults(handler=serve)
+    score_parser = commands.add_parser(
+        "score", help="score a CSV/Parquet file of claims with the champion",
+        description="Write the claims with prediction, model_name, model_version and scored_at columns.")
+    score_parser.add_argument("claims", help="input claims, .csv or .parquet")
+    score_parser.add_argument("output", help="output file, .csv or .parquet")
+    score_parser.add_argument("--model", help="models:/<name>@<alias>, models:/<name>/<version> or a version number "
+                                              "(default: the champion)")
+    score_parser.set_defaults(handler=score)
     return parser
 
 def main(argv:list[str]|None=None) -> int:
