@@ -418,7 +418,6 @@ def create_app(watcher:ChampionWatcher,          # holds the serving champion (l
 
     @app.post("/predict")
     async def predict(request: Request):
-        champion = watcher.current  # read once: this request is answered wholly by this version
         content_type = request.headers.get("content-type", "")
         if content_type.split(";")[0].strip().lower() != "application/json":
             return _problem(415, f"Content-Type must be application/json, got {content_type or 'none'!r}")
@@ -429,12 +428,14 @@ def create_app(watcher:ChampionWatcher,          # holds the serving champion (l
         records, problem = parse_records(await request.body(), max_records)
         if problem:
             return _problem(*problem)
+        champion = watcher.current  # read once: this request is answered wholly by this version
         try:
             champion.validator.validate_python(records)
         except ValidationError as error:
             errors = describe_errors(error)
-            fields = sorted({f"{e['field']}" for e in errors})
-            return _problem(422, f"{error.error_count()} problem(s) in the records: {', '.join(fields)}", errors)
+            fields = sorted({e["field"] for e in errors if e["field"]})
+            named = f": {', '.join(fields)}" if fields else " (each record must be a JSON object)"
+            return _problem(422, f"{error.error_count()} problem(s) in the records{named}", errors)
         predictions = champion.predict(records)
         request_id = str(uuid.uuid4())
         state["log"].append(request_id, received, champion, records, predictions)
