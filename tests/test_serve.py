@@ -86,7 +86,8 @@ class Service:
         raise AssertionError(f"the service did not answer within {timeout} s: {self.output()}")
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return (self.project / f"service-{self.port}.log").read_text()
 
     def stop(self, sig=signal.SIGTERM) -> int:
@@ -229,7 +230,7 @@ def _bad_requests(good: dict) -> list[tuple]:
         ("Infinity", b'{"sum_insured": Infinity}', "application/json", 422, None),
         ("a number overflowing to infinity", body({**good, "sum_insured": 1}).replace(b'"sum_insured": 1', b'"sum_insured": 1e400'),
          "application/json", 422, None),
-        ("an integer beyond 64 bits", body({**good, "sum_insured": 1}).replace(b'"sum_insured": 1', b'"sum_insured": ' + b"9" * 30),
+        ("an integer of 400 digits", body({**good, "sum_insured": 1}).replace(b'"sum_insured": 1', b'"sum_insured": ' + b"9" * 400),
          "application/json", 422, None),
         ("an unknown category", body({**good, "region": "atlantis"}), "application/json", 422, "region"),
         ("a number for a category", body({**good, "claim_type": 3}), "application/json", 422, "claim_type"),
