@@ -112,6 +112,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                       'mlops_notebooks/serve.py'),
                                        'mlops_notebooks.serve._example_records': ( 'serve.html#_example_records',
                                                                                    'mlops_notebooks/serve.py'),
+                                       'mlops_notebooks.serve._exit_quietly': ('serve.html#_exit_quietly', 'mlops_notebooks/serve.py'),
                                        'mlops_notebooks.serve._kind': ('serve.html#_kind', 'mlops_notebooks/serve.py'),
                                        'mlops_notebooks.serve._passes_through': ('serve.html#_passes_through', 'mlops_notebooks/serve.py'),
                                        'mlops_notebooks.serve._problem': ('serve.html#_problem', 'mlops_notebooks/serve.py'),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import queue
+import signal
 import sqlite3
 import threading
 import time
@@ -476,7 +477,14 @@ def serve(settings:Settings, host:str|None=None, port:int|None=None):
     app, watcher = build_service(settings)
     host, port = host or settings.service_host, port or settings.service_port
     print(f"serving {watcher.current.name} version {watcher.current.version} on http://{host}:{port}", flush=True)
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the previous handler: make that
+    # a normal exit, so a stopped service ends with status 0 rather than "killed by SIGTERM" or a traceback.
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, _exit_quietly)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+def _exit_quietly(signum, frame):
+    raise SystemExit(0)
 
 # %% ../nbs/09_serve.ipynb #c028
 def score_frame(champion:Champion, claims:pd.DataFrame, source:str="claims") -> pd.DataFrame:

@@ -113,14 +113,14 @@ def sample_records(project: Path, n: int) -> list[dict]:
 
 
 def champion_predictions(project: Path, version: int, records: list[dict]) -> list[float]:
-    "What the registered model version predicts for `records`, straight from MLflow in a subprocess."
-    script = ("import json, sys, mlflow, pandas as pd\n"
-              f"mlflow.set_tracking_uri('sqlite:///{project}/mlflow.db')\n"
-              f"model = mlflow.sklearn.load_model('models:/{MODEL}/{version}')\n"
-              "print(json.dumps(model.predict(pd.DataFrame(json.load(sys.stdin))).tolist()))")
-    result = subprocess.run([str(BIN / "python"), "-c", script], input=json.dumps(records), cwd=project,
-                            env=project_env(), capture_output=True, text=True, check=True)
-    return json.loads(result.stdout)
+    "What the registered model version predicts for `records`, loaded with MLflow from its artifact."
+    import mlflow
+    from mlflow import MlflowClient
+    store = f"sqlite:///{project}/mlflow.db"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    logged = client.get_logged_model(client.get_model_version(MODEL, str(version)).source.removeprefix("models:/"))
+    model = mlflow.sklearn.load_model(logged.artifact_location)
+    return model.predict(pd.DataFrame(records)).tolist()
 
 
 def prediction_log(project: Path) -> pd.DataFrame:
