@@ -116,6 +116,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                        'mlops_notebooks.serve._kind': ('serve.html#_kind', 'mlops_notebooks/serve.py'),
                                        'mlops_notebooks.serve._passes_through': ('serve.html#_passes_through', 'mlops_notebooks/serve.py'),
                                        'mlops_notebooks.serve._problem': ('serve.html#_problem', 'mlops_notebooks/serve.py'),
+                                       'mlops_notebooks.serve.booster_threads': ('serve.html#booster_threads', 'mlops_notebooks/serve.py'),
                                        'mlops_notebooks.serve.build_service': ('serve.html#build_service', 'mlops_notebooks/serve.py'),
                                        'mlops_notebooks.serve.champion_version': ( 'serve.html#champion_version',
                                                                                    'mlops_notebooks/serve.py'),
