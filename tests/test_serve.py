@@ -384,3 +384,12 @@ def test_kill_9_loses_at_most_the_batch_in_flight(project):
     lost = [request_id for request_id in in_flight if request_id not in rows.index]
     assert lost == in_flight[len(in_flight) - len(lost):], "only the last requests, still queued, can be lost"
     assert len(lost) <= 5, lost
+
+
+def test_without_a_champion_the_service_says_so_and_exits(project, tmp_path):
+    empty_registry = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/empty.db", "MLOPS_SERVICE_PORT": str(free_port())}
+    result = run([str(BIN / "mlops-notebooks"), "serve"], project, check=False, env=empty_registry)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines()[-1] == ("error: no 'champion' version of model 'claims-cost' in the "
+                                                       "registry: run `make pipeline` first")
+    assert "Traceback" not in result.stderr
