@@ -30,11 +30,11 @@ from .settings import DataError, Settings, UserError
 log = logging.getLogger("mlops_notebooks.serve")
 
 # %% auto #0
-__all__ = ['log', 'MAX_EXACT_INTEGER', 'SERIAL_ROWS', 'LINEAGE_SUMMARY', 'LOG_QUEUE_LIMIT', 'LOG_SCHEMA', 'MAX_BYTES_PER_RECORD',
-           'InputColumn', 'signature_columns', 'encoder_categories', 'record_validator', 'describe_errors',
-           'FastEncoding', 'booster_threads', 'Champion', 'probe_records', 'make_champion', 'lineage_summary',
-           'champion_version', 'load_champion', 'ChampionWatcher', 'open_log', 'PredictionLog', 'read_prediction_log',
-           'parse_records', 'create_app', 'build_service', 'serve', 'score_frame', 'score_file']
+__all__ = ['log', 'MAX_EXACT_INTEGER', 'LINEAGE_SUMMARY', 'LOG_QUEUE_LIMIT', 'LOG_SCHEMA', 'MAX_BYTES_PER_RECORD', 'InputColumn',
+           'signature_columns', 'encoder_categories', 'record_validator', 'describe_errors', 'FastEncoding',
+           'booster_threads', 'Champion', 'probe_records', 'make_champion', 'lineage_summary', 'champion_version',
+           'load_champion', 'ChampionWatcher', 'open_log', 'PredictionLog', 'read_prediction_log', 'parse_records',
+           'create_app', 'build_service', 'serve', 'score_frame', 'score_file']
 
 # %% ../nbs/09_serve.ipynb #c005
 MAX_EXACT_INTEGER = 2**53
@@ -142,15 +142,11 @@ class FastEncoding:
         numbers = [[nan if record[name] is None else record[name] for record in records] for name in self.numeric]
         return np.array(encoded + numbers, dtype="float64").T
 
-SERIAL_ROWS = 256  # below this many rows the booster predicts on one thread
 _threadpools = None
 
-def booster_threads(rows:int):
-    "A context running OpenMP on one thread for small requests (the booster's threads cost more than they save)."
+def booster_threads():
+    "A context in which the booster predicts on one OpenMP thread (see above)."
     global _threadpools
-    from contextlib import nullcontext
-    if rows >= SERIAL_ROWS:
-        return nullcontext()
     if _threadpools is None:
         from threadpoolctl import ThreadpoolController
         _threadpools = ThreadpoolController()  # scanning the loaded libraries once, not per request
@@ -186,7 +182,7 @@ class Champion:
 
     def predict(self, records:list[dict]) -> list[float]:
         "Predictions for validated records."
-        with booster_threads(len(records)):
+        with booster_threads():
             if self.fast is not None:
                 return self.fast.booster.predict(self.fast.matrix(records)).tolist()
             return self.model.predict(self.frame(records)).tolist()
