@@ -4,8 +4,9 @@ on the same registered champion, on loopback, in bounded request loops.
 1. start-to-ready: from starting the process to the first 200 from its health endpoint;
 2. single-row latency over one keep-alive connection (p50, p99 of `--single-requests` requests, after a warm-up);
 3. batch throughput: rows/s over `--batch-requests` requests of 1,000 rows each, one keep-alive connection;
-4. for the project's service only: a load of `--load-requests` single-row requests from 8 keep-alive connections,
-   counting 5xx answers and connection errors, with the service's RSS before and after.
+4. for the project's service only, in the first round: twice a load of `--load-requests` single-row requests from
+   8 keep-alive connections, counting 5xx answers and connection errors, with the service's RSS before and after
+   each (growth = RSS after the second load minus RSS after the first).
 
 Both servers run one after the other in each of `--repeats` rounds, so a busy machine slows both alike; figures are
 medians over rounds. The model comes from a throw-away copy of the project on which `dvc repro` has run with the
@@ -198,7 +199,7 @@ def load_test(server: Server, body: bytes, requests_total: int, connections: int
             "rss_before_mb": round(rss_before, 1), "rss_after_mb": round(rss_after, 1)}
 
 
-def measure(kind: str, project: Path, single: bytes, batch: bytes, args) -> dict:
+def measure(kind: str, project: Path, single: bytes, batch: bytes, args, with_load: bool) -> dict:
     server = Server(kind, project)
     try:
         one = timed_requests(server, single, args.single_requests, warmup=200)
@@ -206,7 +207,7 @@ def measure(kind: str, project: Path, single: bytes, batch: bytes, args) -> dict
         result = {"ready_s": server.ready_s, "single_row_p50_ms": 1000 * percentile(one, 0.5),
                   "single_row_p99_ms": 1000 * percentile(one, 0.99),
                   "batch_rows_per_s": 1000 * len(many) / sum(many), "rss_mb": server.rss_mb()}
-        if kind == "project" and args.load_requests:
+        if kind == "project" and with_load and args.load_requests:
             # the load first, then the same memory reading again after a second load: growth, not warm-up
             first = load_test(server, single, args.load_requests)
             second = load_test(server, single, args.load_requests)
@@ -236,10 +237,10 @@ def main():
         records = json.loads(claims[features].head(1000).to_json(orient="records"))
         rounds = {"project": [], "mlflow": []}
         loads = [os.getloadavg()[0]]
-        for _ in range(args.repeats):
+        for repeat in range(args.repeats):
             for kind in ("project", "mlflow"):
                 rounds[kind].append(measure(kind, project, request_body(kind, records[:1]),
-                                            request_body(kind, records), args))
+                                            request_body(kind, records), args, with_load=repeat == 0))
                 loads.append(os.getloadavg()[0])
                 print(kind, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in rounds[kind][-1].items()
                              if k != "load"}, flush=True)
