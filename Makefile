@@ -11,10 +11,11 @@ export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: env pipeline test lab export bench lock docs docs-serve browser help fremtpl2-frequency fremtpl2-pure-premium
+.PHONY: env pipeline serve test lab export bench lock docs docs-serve browser help fremtpl2-frequency fremtpl2-pure-premium
 
 help:
 	@echo "make pipeline  - run the whole DVC pipeline (dvc repro) on the embedded default"
+	@echo "make serve     - serve the registry's champion (host/port from settings.ini; after make pipeline)"
 	@echo "make test      - export check, clean check, nbdev-test, pytest"
 	@echo "make lab       - JupyterLab with the project's kernel"
 	@echo "make export    - nbdev-export + nbdev-clean after editing notebooks"
@@ -38,6 +39,9 @@ $(STAMP): requirements.lock pyproject.toml
 
 pipeline: $(STAMP)
 	$(BIN)/dvc repro
+
+serve: $(STAMP)
+	$(BIN)/mlops-notebooks serve
 
 # The docs test loads every page in headless Chromium, so `make test` needs it (installed here when missing).
 test: $(STAMP) browser

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import configparser
 import os
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
@@ -65,6 +65,9 @@ class Settings:
     registered_model_name: str  # name in the MLflow model registry
     service_host: str           # host the prediction service binds to
     service_port: int           # port the prediction service listens on
+    model_poll_seconds: float = 5.0          # how often the service asks the registry where `champion` points
+    prediction_log: str = "predictions.db"   # the service's append-only prediction log (SQLite), under the root
+    max_records_per_request: int = 10_000    # larger prediction requests are refused (413)
 
 ENV_PREFIX = "MLOPS_"
 
@@ -93,14 +96,19 @@ def load_settings(root:Path|str|None=None, # project root; found from the curren
         raw = environ.get(ENV_PREFIX + field.name.upper(), section.get(field.name))
         if field.name == "tracking_uri":
             raw = environ.get("MLFLOW_TRACKING_URI", raw)
-        if raw is None or raw == "":
+        if (raw is None or raw == "") and field.default is MISSING:
             raise UserError(f"{path}: [mlops] {field.name} is not set (nor {ENV_PREFIX}{field.name.upper()})")
-        values[field.name] = raw
-    try:
-        values["service_port"] = int(values["service_port"])
-    except ValueError:
-        raise UserError(f"{path}: [mlops] service_port must be an integer, got {values['service_port']!r}") from None
+        values[field.name] = field.default if raw is None or raw == "" else raw
+    for name, kind, label in [("service_port", int, "an integer"), ("max_records_per_request", int, "an integer"),
+                              ("model_poll_seconds", float, "a number")]:
+        try:
+            values[name] = kind(values[name])
+        except ValueError:
+            raise UserError(f"{path}: [mlops] {name} must be {label}, got {values[name]!r}") from None
+        if not values[name] > 0:
+            raise UserError(f"{path}: [mlops] {name} must be positive, got {values[name]!r}")
     values["tracking_uri"] = _anchor_sqlite(values["tracking_uri"], root)
+    values["prediction_log"] = str((root / values["prediction_log"]).resolve())  # an absolute path stays as it is
     return Settings(**values)
 
 # %% ../nbs/00_settings.ipynb #c016

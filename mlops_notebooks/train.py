@@ -110,7 +110,10 @@ def log_training_run(model:Pipeline,       # the fitted pipeline
     from mlflow.models import infer_signature
 
     example = inputs.head(5)
-    signature = infer_signature(example, model.predict(example))
+    # The signature marks a column optional only if the sample shows it empty: add one empty row per such column.
+    gaps = [inputs[inputs[column].isna()].head(1) for column in inputs.columns if inputs[column].isna().any()]
+    sample = pd.concat([example, *gaps])
+    signature = infer_signature(sample, model.predict(sample))
     with mlflow.start_run(tags=tags) as run:
         mlflow.log_params(params)
         mlflow.log_metrics(metrics)
