@@ -34,13 +34,13 @@ NEW_CHAMPION_SCRIPT = """
 import json, sys
 import mlflow, pandas as pd, yaml
 from mlflow import MlflowClient
-from mlops_notebooks.features import FeaturesParams
+from mlops_notebooks.ingest import DataParams
 from mlops_notebooks.train import TrainParams, feature_frame, fit_model, log_training_run
 from mlops_notebooks.settings import configure_mlflow, load_settings, project_root
 from mlops_notebooks.serve import Champion
 root = project_root()
 configure_mlflow(load_settings(root), root)
-features = FeaturesParams(**yaml.safe_load(open("params.yaml"))["features"])
+features = DataParams(**yaml.safe_load(open("params.yaml"))["data"])
 train = pd.read_parquet("data/processed/train.parquet")
 model = fit_model(train, features, TrainParams(max_iter=15, learning_rate=0.3, max_leaf_nodes=8))
 logged = log_training_run(model, feature_frame(train, features), {}, {}, {"lineage.git_commit": "hot-swap-test"})
