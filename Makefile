@@ -11,7 +11,7 @@ export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: env pipeline test lab export bench lock help fremtpl2-frequency fremtpl2-pure-premium
+.PHONY: env pipeline test lab export bench lock help retrain replay fremtpl2-frequency fremtpl2-pure-premium
 
 help:
 	@echo "make pipeline  - run the whole DVC pipeline (dvc repro) on the embedded default"
@@ -20,6 +20,8 @@ help:
 	@echo "make export    - nbdev-export + nbdev-clean after editing notebooks"
 	@echo "make bench     - run every benchmark under benchmarks/"
 	@echo "make lock      - re-pin requirements.lock after changing pyproject.toml"
+	@echo "make retrain   - monitor data/incoming; re-train and gate when monitor.retrain says so"
+	@echo "make replay    - replay months of drifting claims: monitor, re-train, gate (reports/replay/)"
 	@echo "make fremtpl2-frequency / fremtpl2-pure-premium - the pipeline on the real freMTPL2 data (replaces params.yaml)"
 
 env: $(STAMP)
@@ -63,6 +65,17 @@ fremtpl2-frequency fremtpl2-pure-premium: $(STAMP)
 	cp $(FREMTPL2)/freMTPL2freq.csv $(FREMTPL2)/freMTPL2sev.csv data/sources/
 	cp examples/fremtpl2/$(patsubst fremtpl2_%,%,$(subst -,_,$@)).yaml params.yaml
 	MLOPS_REGISTERED_MODEL_NAME=$@ MLOPS_EXPERIMENT_NAME=$@ $(BIN)/dvc repro
+
+# The loop on the real project: the monitor stage writes its verdict; a DVC stage cannot skip its downstream,
+# so the retrain policy (monitor.retrain) is applied here, reading the verdict's `retrain` field.
+retrain: $(STAMP)
+	$(BIN)/dvc repro monitor
+	@if $(BIN)/python -c "import json, sys; sys.exit(0 if json.load(open('reports/monitor_verdict.json'))['retrain'] else 1)"; \
+	then $(BIN)/dvc repro register && $(BIN)/dvc repro monitor; else echo "monitor.retrain: no re-training after this verdict"; fi
+
+# Months of generated claims with drift (the `replay` section of params.yaml): reports/replay/.
+replay: $(STAMP)
+	$(BIN)/python -m mlops_notebooks.replay
 
 # Regenerate the lock file after changing dependencies in pyproject.toml.
 lock: $(STAMP)
