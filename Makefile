@@ -66,12 +66,14 @@ fremtpl2-frequency fremtpl2-pure-premium: $(STAMP)
 	cp examples/fremtpl2/$(patsubst fremtpl2_%,%,$(subst -,_,$@)).yaml params.yaml
 	MLOPS_REGISTERED_MODEL_NAME=$@ MLOPS_EXPERIMENT_NAME=$@ $(BIN)/dvc repro
 
-# The loop on the real project: the monitor stage writes its verdict; a DVC stage cannot skip its downstream,
-# so the retrain policy (monitor.retrain) is applied here, reading the verdict's `retrain` field.
+# The loop on the real project: the monitor judges data/incoming with the current champion (--single-item: it does
+# not first re-train on the batch it judges); a DVC stage cannot skip its downstream, so the retrain policy
+# (monitor.retrain) is applied here, from the verdict's `retrain` field: `dvc repro register` re-runs from ingest
+# (labelled incoming files join the claims) through train, evaluate and the registry gate.
 retrain: $(STAMP)
-	$(BIN)/dvc repro monitor
+	$(BIN)/dvc repro --single-item monitor
 	@if $(BIN)/python -c "import json, sys; sys.exit(0 if json.load(open('reports/monitor_verdict.json'))['retrain'] else 1)"; \
-	then $(BIN)/dvc repro register && $(BIN)/dvc repro monitor; else echo "monitor.retrain: no re-training after this verdict"; fi
+	then $(BIN)/dvc repro register; else echo "monitor.retrain: no re-training after this verdict"; fi
 
 # Months of generated claims with drift (the `replay` section of params.yaml): reports/replay/.
 replay: $(STAMP)

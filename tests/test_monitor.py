@@ -103,7 +103,7 @@ def _incoming_batch(project, knobs=None, rows=600, start="2024-01"):
 
 
 def _run_monitor(project) -> dict:
-    dvc(project, "repro", "monitor")
+    dvc(project, "repro", "--single-item", "monitor")  # judge the batch with the current champion, train nothing
     return json.loads((project / "reports/monitor_verdict.json").read_text())
 
 
