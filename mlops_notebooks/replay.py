@@ -145,7 +145,7 @@ def plot_timeline(timeline:pd.DataFrame, drift_start:str=""):
     axis.plot(x, timeline["error_never"], marker="o", color="tab:gray", label="never re-trained")
     axis.plot(x, timeline["error_loop"], marker="o", color="tab:blue", label="with the loop (monitor, re-train, gate)")
     flagged = timeline["verdict"].isin(["drift", "degraded"]).to_numpy()
-    axis.scatter(x[flagged], timeline["error_never"][flagged], marker="x", s=80, color="tab:red", zorder=3,
+    axis.scatter(x[flagged], timeline["error_loop"][flagged], marker="x", s=80, color="tab:red", zorder=3,
                  label="monitor flags drift / decay")
     for position in x[(timeline["outcome"] == "promoted").to_numpy()]:
         axis.axvline(position + 0.5, color="tab:green", linestyle="--", linewidth=1)

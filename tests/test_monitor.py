@@ -146,7 +146,7 @@ def test_a_labelled_drifted_batch_is_flagged_and_enters_the_training_window(moni
     assert verdict["verdict"] in ("drift", "degraded") and verdict["labelled"] and verdict["retrain"]
     assert verdict["decay"]["relative_change"] < 0
     # What `make retrain` does next: dvc re-runs from ingest (its incoming dependency changed) through the gate.
-    status = dvc(monitored, "status", "register").stdout
+    status = dvc(monitored, "status", "--with-deps", "register").stdout
     assert "ingest" in status
     dvc(monitored, "repro", "register")
     claims = pd.read_parquet(monitored / "data/raw/claims.parquet")
