@@ -37,7 +37,7 @@ class MonitorParams(StageParams):
     decay_metric: MetricName = "mean_deviance"  # the metric compared with the champion's evaluation
     decay_tolerance: float = Field(0.15, ge=0)  # degraded when it is worse by more than this (relative)
     min_rows: int = Field(200, ge=1)         # a smaller batch gets the verdict `invalid`: too few rows to test
-    reference_rows: int = Field(200_000, ge=1000)  # reference rows used (a seeded sample beyond this, for speed)
+    reference_rows: int = Field(50_000, ge=1000)  # reference rows used (a seeded sample beyond this, for speed)
     retrain: Literal["on_drift", "always", "never"] = "on_drift"  # when re-training follows the verdict
     seed: int = 0                            # seed of the reference sample
 
@@ -163,7 +163,7 @@ def performance_decay(actual:np.ndarray,     # the batch's observed modelled tar
     batch_units = unit_deviance(actual, predicted, deviance) * (1 if weight is None else weight / weight.mean())
     evaluation_units = unit_deviance(evaluation_actual, evaluation_predicted, deviance) * (
         1 if evaluation_weight is None else evaluation_weight / evaluation_weight.mean())
-    test = stats.ttest_ind(batch_units, evaluation_units, equal_var=False, alternative="greater")
+    test = stats.mannwhitneyu(batch_units, evaluation_units, alternative="greater")
     return {"metric": metric, "batch": metrics[metric], "baseline": baseline[metric],
             "relative_change": change, "tolerance": tolerance, "deviance_p_value": float(test.pvalue),
             "degraded": bool(change < -tolerance and test.pvalue < alpha),
@@ -199,6 +199,7 @@ def monitor_batch(reference:pd.DataFrame,  # the training reference (declared fe
                   params:MonitorParams,    # thresholds
                   model=None,              # the champion (anything with predict), or None
                   evaluation:pd.DataFrame|None=None, # the champion's labelled evaluation data, for the decay check
+                  batch_predictions:np.ndarray|None=None, # the champion's predictions on the batch when known (a prediction log)
                  ) -> dict:
     "The verdict on one batch, with its evidence."
     problems = batch_problems(batch, data, params.min_rows)
@@ -210,14 +211,15 @@ def monitor_batch(reference:pd.DataFrame,  # the training reference (declared fe
     if problems:
         return record
     reference = sample_reference(reference, params.reference_rows, params.seed)
-    reference_predictions = batch_predictions = None
-    if model is not None:
+    reference_predictions = None
+    if model is not None and batch_predictions is None:
         inputs = batch[data.features].copy()
         for column in data.categorical:
             inputs[column] = inputs[column].astype(str)
         for column in data.numeric:
             inputs[column] = pd.to_numeric(inputs[column], errors="coerce").astype("float64")
         batch_predictions = np.asarray(model.predict(inputs), dtype=float)
+    if model is not None:
         reference_predictions = np.asarray(model.predict(reference[data.features]), dtype=float)
     evidence = feature_evidence(reference, batch, data, params, reference_predictions, batch_predictions)
     record["drifted_features"] = [feature for feature in evidence.index[evidence["drifted"]]]
