@@ -37,7 +37,7 @@ class MonitorParams(StageParams):
     decay_metric: MetricName = "mean_deviance"  # the metric compared with the champion's evaluation
     decay_tolerance: float = Field(0.15, ge=0)  # degraded when it is worse by more than this (relative)
     min_rows: int = Field(200, ge=1)         # a smaller batch gets the verdict `invalid`: too few rows to test
-    reference_rows: int = Field(50_000, ge=1000)  # reference rows used (a seeded sample beyond this, for speed)
+    reference_rows: int = Field(20_000, ge=1000)  # reference (and evaluation) rows used: a seeded sample beyond this
     retrain: Literal["on_drift", "always", "never"] = "on_drift"  # when re-training follows the verdict
     seed: int = 0                            # seed of the reference sample
 
@@ -171,7 +171,7 @@ def performance_decay(actual:np.ndarray,     # the batch's observed modelled tar
 
 # %% ../nbs/11_monitor.ipynb #c021
 def sample_reference(reference:pd.DataFrame, rows:int, seed:int) -> pd.DataFrame:
-    "At most `rows` rows of the reference, a seeded sample (the tests lose nothing that matters at this size)."
+    "At most `rows` rows, a seeded sample (against a monthly batch the tests lose nothing that matters at 20,000)."
     return reference if len(reference) <= rows else reference.sample(rows, random_state=seed)
 
 def feature_evidence(reference:pd.DataFrame, batch:pd.DataFrame, data:DataParams, params:MonitorParams,
@@ -210,7 +210,10 @@ def monitor_batch(reference:pd.DataFrame,  # the training reference (declared fe
                        "decay_tolerance": params.decay_tolerance}}
     if problems:
         return record
+    # The champion scores the reference and its evaluation rows on every run: sampled, they cost less than the tests.
     reference = sample_reference(reference, params.reference_rows, params.seed)
+    if evaluation is not None:
+        evaluation = sample_reference(evaluation, params.reference_rows, params.seed)
     reference_predictions = None
     if model is not None and batch_predictions is None:
         inputs = batch[data.features].copy()
