@@ -48,10 +48,13 @@ def test_the_loop_beats_never_retrained_on_every_drifted_month(replayed):
     project, _ = replayed
     timeline = pd.read_csv(project / "reports/replay/timeline.csv")
     drifted = timeline[timeline["drift_on"]].reset_index(drop=True)
-    # Until a champion trained on drifted claims is in place both are the same model (equal errors); after it, better.
+    # While the first champion serves, both are the same model (equal errors); once a champion trained on drifted
+    # claims serves, the loop is strictly better. (A challenger re-fitted on undrifted months may be promoted in
+    # between, when the gate finds it better on the newest month.)
+    first = drifted["champion_version"] == 1
     adapted = drifted["champion_trained_until"] >= "2024-03"
     assert adapted.any(), drifted
-    assert (drifted.loc[~adapted, "error_loop"] == drifted.loc[~adapted, "error_never"]).all()
+    assert (drifted.loc[first, "error_loop"] == drifted.loc[first, "error_never"]).all()
     assert (drifted.loc[adapted, "error_loop"] < drifted.loc[adapted, "error_never"]).all(), drifted
     first_adapted = int(adapted.idxmax())
     assert first_adapted <= 2, "a champion trained on drifted claims serves from the second month after onset at most"
