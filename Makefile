@@ -11,7 +11,7 @@ export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: env pipeline serve test lab export bench lock docs docs-serve browser help fremtpl2-frequency fremtpl2-pure-premium
+.PHONY: env pipeline serve test lab export bench lock docs docs-serve browser help retrain replay fremtpl2-frequency fremtpl2-pure-premium
 
 help:
 	@echo "make pipeline  - run the whole DVC pipeline (dvc repro) on the embedded default"
@@ -23,6 +23,8 @@ help:
 	@echo "make lock      - re-pin requirements.lock after changing pyproject.toml"
 	@echo "make docs      - build the documentation site into _docs/ (after make pipeline: it shows the latest run)"
 	@echo "make docs-serve - build it and serve it on http://127.0.0.1:$(DOCS_PORT)"
+	@echo "make retrain   - monitor data/incoming; re-train and gate when monitor.retrain says so"
+	@echo "make replay    - replay months of drifting claims: monitor, re-train, gate (reports/replay/)"
 	@echo "make fremtpl2-frequency / fremtpl2-pure-premium - the pipeline on the real freMTPL2 data (replaces params.yaml)"
 
 env: $(STAMP)
@@ -70,6 +72,19 @@ fremtpl2-frequency fremtpl2-pure-premium: $(STAMP)
 	cp $(FREMTPL2)/freMTPL2freq.csv $(FREMTPL2)/freMTPL2sev.csv data/sources/
 	cp examples/fremtpl2/$(patsubst fremtpl2_%,%,$(subst -,_,$@)).yaml params.yaml
 	MLOPS_REGISTERED_MODEL_NAME=$@ MLOPS_EXPERIMENT_NAME=$@ $(BIN)/dvc repro
+
+# The loop on the real project: the monitor judges data/incoming with the current champion (--single-item: it does
+# not first re-train on the batch it judges); a DVC stage cannot skip its downstream, so the retrain policy
+# (monitor.retrain) is applied here, from the verdict's `retrain` field: `dvc repro register` re-runs from ingest
+# (labelled incoming files join the claims) through train, evaluate and the registry gate.
+retrain: $(STAMP)
+	$(BIN)/dvc repro --single-item monitor
+	@if $(BIN)/python -c "import json, sys; sys.exit(0 if json.load(open('reports/monitor_verdict.json'))['retrain'] else 1)"; \
+	then $(BIN)/dvc repro register; else echo "monitor.retrain: no re-training after this verdict"; fi
+
+# Months of generated claims with drift (the `replay` section of params.yaml): reports/replay/.
+replay: $(STAMP)
+	$(BIN)/python -m mlops_notebooks.replay
 
 # Regenerate the lock file after changing dependencies in pyproject.toml.
 lock: $(STAMP)

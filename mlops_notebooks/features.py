@@ -15,7 +15,7 @@ from .ingest import DataParams
 from .settings import DataError, ParamsError, StageParams
 
 # %% auto #0
-__all__ = ['FeaturesParams', 'split_by_month', 'split_claims', 'select_features']
+__all__ = ['FeaturesParams', 'split_by_month', 'keep_window', 'split_claims', 'select_features']
 
 # %% ../nbs/04_features.ipynb #c004
 class FeaturesParams(StageParams):
@@ -24,6 +24,7 @@ class FeaturesParams(StageParams):
     test_months: int = Field(3, ge=1)              # time split: the latest report months held out
     test_share: float = Field(0.1, gt=0, lt=1)     # random split: the share of rows held out
     seed: int = 0                                  # random split: the seed
+    window_months: int = Field(0, ge=0)            # time split: train on the last N months before the test; 0 = all
 
 # %% ../nbs/04_features.ipynb #c006
 def split_by_month(claims:pd.DataFrame, # claims with a period column
@@ -39,15 +40,25 @@ def split_by_month(claims:pd.DataFrame, # claims with a period column
     is_test = claims[period] >= first_test_month
     return claims[~is_test].reset_index(drop=True), claims[is_test].reset_index(drop=True)
 
+def keep_window(train:pd.DataFrame, window_months:int, period:str) -> pd.DataFrame:
+    "The training rows of the last `window_months` periods (all of them when 0)."
+    if not window_months:
+        return train
+    months = train[period].drop_duplicates().sort_values()
+    return train[train[period] >= months.iloc[-min(window_months, len(months))]].reset_index(drop=True)
+
 def split_claims(claims:pd.DataFrame, data:DataParams, params:FeaturesParams) -> tuple[pd.DataFrame, pd.DataFrame]:
     "(train, test) as `features.split` says."
     if params.split == "random":
+        if params.window_months:
+            raise ParamsError("params.yaml: features.window_months needs features.split: time")
         train, test = train_test_split(claims, test_size=params.test_share, random_state=params.seed)
         return train.reset_index(drop=True), test.reset_index(drop=True)
     if not data.period:
         raise ParamsError("params.yaml: features.split=time needs a period column (data.period); "
                           "use features.split: random for data without one")
-    return split_by_month(claims, params.test_months, data.period)
+    train, test = split_by_month(claims, params.test_months, data.period)
+    return keep_window(train, params.window_months, data.period), test
 
 # %% ../nbs/04_features.ipynb #c009
 def select_features(claims:pd.DataFrame, data:DataParams) -> pd.DataFrame:

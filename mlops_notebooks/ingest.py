@@ -16,8 +16,9 @@ from .settings import DataError, StageParams
 
 # %% auto #0
 __all__ = ['Objective', 'Aggregation', 'DEVIANCE_POWER', 'CLAIMS_DATA', 'LINES_OF_BUSINESS', 'CLAIM_TYPES', 'REGIONS',
-           'read_claims_file', 'RAW_CLAIMS', 'JoinedTable', 'DataParams', 'DriftKnobs', 'IngestParams',
-           'generate_claims', 'read_table', 'join_aggregated', 'ingest_claims', 'ingest_stage']
+           'read_claims_file', 'INCOMING_SUFFIXES', 'RAW_CLAIMS', 'JoinedTable', 'DataParams', 'DriftKnobs',
+           'IngestParams', 'generate_claims', 'read_table', 'join_aggregated', 'incoming_files', 'append_incoming',
+           'ingest_claims', 'ingest_stage']
 
 # %% ../nbs/02_ingest.ipynb #c005
 Objective = Literal["squared_error", "poisson", "gamma", "tweedie"]
@@ -113,6 +114,7 @@ class IngestParams(StageParams):
     start_month: str                      # first report month, YYYY-MM
     n_months: int = Field(gt=0, le=600)   # report months to generate
     drift: DriftKnobs = DriftKnobs()
+    incoming: str = "data/incoming"       # labelled new batches here join the claims (any data.source); '' = none
     _month = field_validator("start_month")(_check_month)
 
 # %% ../nbs/02_ingest.ipynb #c012
@@ -285,6 +287,40 @@ def join_aggregated(table:pd.DataFrame, # the first table
     return joined
 
 # %% ../nbs/02_ingest.ipynb #c024
+INCOMING_SUFFIXES = (".csv", ".parquet", ".pq")
+
+def incoming_files(folder:Path|str) -> list[Path]:
+    "The batch files (CSV/Parquet) of an incoming folder, in name order; none when it does not exist."
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in INCOMING_SUFFIXES)
+
+def append_incoming(claims:pd.DataFrame, # the claims table
+                    folder:Path|str,     # the incoming folder
+                    data:DataParams,     # the declaration: target and period columns
+                   ) -> pd.DataFrame:
+    "The claims with every labelled incoming batch appended (same columns required; periods read as dates)."
+    batches = []
+    for path in incoming_files(folder):
+        batch = read_table(path, "ingest.incoming")
+        if data.target not in batch.columns:
+            continue  # not labelled yet: only the monitor reads it
+        missing = [column for column in claims.columns if column not in batch.columns]
+        extra = [column for column in batch.columns if column not in claims.columns]
+        if missing or extra:
+            raise DataError(f"{path}: the columns differ from the claims table's"
+                            + (f"; missing: {', '.join(missing)}" if missing else "")
+                            + (f"; unknown: {', '.join(map(str, extra))}" if extra else ""))
+        if data.period and pd.api.types.is_datetime64_any_dtype(claims[data.period]):
+            try:
+                batch[data.period] = pd.to_datetime(batch[data.period]).astype(claims[data.period].dtype)
+            except (ValueError, TypeError) as error:
+                raise DataError(f"{path}: column '{data.period}' is not a date: {str(error).splitlines()[0]}") from None
+        batches.append(batch[list(claims.columns)])
+    return pd.concat([claims, *batches], ignore_index=True) if batches else claims
+
+# %% ../nbs/02_ingest.ipynb #c027
 def ingest_claims(data:DataParams,     # the declared data
                   params:IngestParams, # the generator's params (used when data.source is empty)
                   root:Path,           # project root: sources are relative to it
@@ -293,11 +329,12 @@ def ingest_claims(data:DataParams,     # the declared data
     if not data.source:
         if data.join.source:
             raise DataError("data.join.source is set but data.source is empty: there is no first table to join onto")
-        return generate_claims(params.n_claims, params.start_month, params.n_months, params.seed, params.drift)
-    table = read_table(root / data.source)
-    if data.join.source:
-        table = join_aggregated(table, read_table(root / data.join.source, "data.join.source"), data)
-    return table
+        table = generate_claims(params.n_claims, params.start_month, params.n_months, params.seed, params.drift)
+    else:
+        table = read_table(root / data.source)
+        if data.join.source:
+            table = join_aggregated(table, read_table(root / data.join.source, "data.join.source"), data)
+    return append_incoming(table, root / params.incoming, data) if params.incoming else table
 
 RAW_CLAIMS = "data/raw/claims.parquet"
 

@@ -1,0 +1,159 @@
+"""The monitor: false alarms on stable months, drift onset, decay with labels, bad batches, and the stage in DVC."""
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import dvc, set_params
+from mlops_notebooks.artifacts import file_md5
+from mlops_notebooks.features import select_features, split_by_month
+from mlops_notebooks.ingest import CLAIMS_DATA, DriftKnobs, generate_claims
+from mlops_notebooks.monitor import MonitorParams, monitor_batch
+from mlops_notebooks.train import TrainParams, fit_model
+
+RULES = MonitorParams(min_rows=100)  # the thresholds of params.yaml, smaller batches allowed
+PER_MONTH = 1000
+ONSET = "2024-01"
+
+
+def history(seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "(training reference, evaluation split) of two undrifted years."
+    claims = select_features(generate_claims(PER_MONTH * 24, "2022-01", 24, seed=seed), CLAIMS_DATA)
+    return split_by_month(claims, 6)
+
+
+def month(month: str, seed: int, drift: DriftKnobs | None = None, rows: int = PER_MONTH) -> pd.DataFrame:
+    return generate_claims(rows, month, 1, seed=seed, drift=drift, first_claim_id=10**7)
+
+
+@pytest.fixture(scope="module")
+def champion():
+    "A small champion trained on seed 0's history, with its evaluation split."
+    train, test = history(0)
+    return fit_model(train, CLAIMS_DATA, TrainParams(max_iter=30)), test
+
+
+def test_false_alarm_rate_on_stable_months_is_at_most_5_percent_over_20_seeds(champion):
+    model, evaluation = champion
+    verdicts = []
+    for seed in range(20):
+        reference, _ = history(seed)
+        for offset, name in enumerate(["2024-01", "2024-02", "2024-03"]):
+            batch = month(name, seed=1000 * seed + offset)  # labelled: the decay check runs too
+            verdicts.append(monitor_batch(reference, batch, CLAIMS_DATA, RULES, model, evaluation)["verdict"])
+    assert set(verdicts) <= {"stable", "drift", "degraded"}
+    false_alarms = sum(verdict != "stable" for verdict in verdicts) / len(verdicts)
+    assert false_alarms <= 0.05, pd.Series(verdicts).value_counts()
+
+
+def test_drift_onset_is_flagged_in_its_first_month(champion):
+    model, evaluation = champion
+    knobs = DriftKnobs(start_month=ONSET, inflation_monthly=0.02, mix_shift=0.5, concept_shift=1.0)
+    for seed in range(5):
+        reference, _ = history(seed)
+        before = monitor_batch(reference, month("2023-12", 77 + seed, knobs), CLAIMS_DATA, RULES, model, evaluation)
+        onset = monitor_batch(reference, month(ONSET, 77 + seed, knobs), CLAIMS_DATA, RULES, model, evaluation)
+        assert before["verdict"] == "stable", before["drifted_features"]
+        assert onset["verdict"] in ("drift", "degraded"), seed
+        assert "line_of_business" in onset["drifted_features"], onset["drifted_features"]
+
+
+def test_decay_is_detected_when_the_costs_are_known(champion):
+    model, evaluation = champion
+    reference, _ = history(0)
+    # A change in how cost depends on the features: the features look the same, only the costs reveal it.
+    batch = month(ONSET, 5, DriftKnobs(start_month=ONSET, concept_shift=2.0, inflation_monthly=0.05), rows=3000)
+    labelled = monitor_batch(reference, batch, CLAIMS_DATA, RULES, model, evaluation)
+    assert labelled["verdict"] == "degraded", labelled["decay"]
+    assert labelled["decay"]["relative_change"] < -RULES.decay_tolerance
+    assert labelled["decay"]["deviance_p_value"] < RULES.alpha
+    unlabelled = monitor_batch(reference, batch.drop(columns="ultimate_cost"), CLAIMS_DATA, RULES, model, evaluation)
+    assert not unlabelled["labelled"] and unlabelled["decay"] is None
+    assert unlabelled["verdict"] == "stable", unlabelled["drifted_features"]
+
+
+def test_bonferroni_and_a_zero_effect_threshold_are_honoured(champion):
+    reference, _ = history(1)
+    knobs = DriftKnobs(start_month=ONSET, mix_shift=0.5)
+    batch = month(ONSET, 9, knobs)
+    strict = monitor_batch(reference, batch, CLAIMS_DATA, MonitorParams(min_rows=100, min_psi=10.0))
+    assert strict["verdict"] == "stable", "a PSI threshold no shift reaches flags nothing"
+    bonferroni = monitor_batch(reference, batch, CLAIMS_DATA, MonitorParams(min_rows=100, correction="bonferroni"))
+    p_values = [row["p_value"] for row in bonferroni["evidence"].values()]
+    assert [row["p_adjusted"] for row in bonferroni["evidence"].values()] == [min(1.0, p * len(p_values)) for p in p_values]
+    assert bonferroni["verdict"] == "drift"
+
+
+# The stage, in a copy of the pipeline that has run once (no champion change, no new training).
+
+@pytest.fixture
+def monitored(repro_project, tmp_path):
+    project = tmp_path / "project"
+    shutil.copytree(repro_project, project, symlinks=True)
+    set_params(project, {"monitor": {"min_rows": 100}})
+    return project
+
+
+def _incoming_batch(project, knobs=None, rows=600, start="2024-01"):
+    "A month after the small params' training data (2023-01 .. 2023-12), with the claims table's columns."
+    return generate_claims(rows, start, 1, seed=11, drift=knobs, first_claim_id=10**7)
+
+
+def _run_monitor(project) -> dict:
+    dvc(project, "repro", "--single-item", "monitor")  # judge the batch with the current champion, train nothing
+    return json.loads((project / "reports/monitor_verdict.json").read_text())
+
+
+def test_the_stage_without_incoming_batches_says_so(repro_project):
+    verdict = json.loads((repro_project / "reports/monitor_verdict.json").read_text())
+    assert verdict["verdict"] == "no_data" and verdict["retrain"] is False
+    assert "no batch files" in verdict["problems"][0]
+
+
+def test_bad_batches_get_a_clear_verdict_and_leave_the_reference_alone(monitored):
+    reference = monitored / "data/processed/train.parquet"
+    before = file_md5(reference)
+    incoming = monitored / "data/incoming"
+
+    (incoming / "empty.csv").write_text("")
+    verdict = _run_monitor(monitored)
+    assert verdict["verdict"] == "invalid" and "empty.csv: the file is empty" in verdict["problems"][0]
+    (incoming / "empty.csv").unlink()
+
+    _incoming_batch(monitored).drop(columns=["claimant_age"]).to_csv(incoming / "2024-01.csv", index=False)
+    verdict = _run_monitor(monitored)
+    assert verdict["verdict"] == "invalid"
+    assert verdict["problems"] == ["column 'claimant_age' (data.numeric): missing"]
+    assert verdict["retrain"] is False
+
+    batch = _incoming_batch(monitored)
+    batch.loc[::4, "region"] = "atlantis"
+    batch.drop(columns="ultimate_cost").to_csv(incoming / "2024-01.csv", index=False)
+    verdict = _run_monitor(monitored)
+    assert verdict["verdict"] == "drift" and "region" in verdict["drifted_features"]
+    assert verdict["evidence"]["region"]["unseen_categories"] == ["atlantis"]
+    assert verdict["champion_version"] == 1 and verdict["retrain"] is True
+    assert file_md5(reference) == before
+
+
+def test_a_labelled_drifted_batch_is_flagged_and_enters_the_training_window(monitored):
+    knobs = DriftKnobs(start_month="2024-01", inflation_monthly=0.05, mix_shift=0.6, concept_shift=2.0)
+    _incoming_batch(monitored, knobs, rows=900).to_parquet(monitored / "data/incoming/2024-01.parquet")
+    verdict = _run_monitor(monitored)
+    assert verdict["verdict"] in ("drift", "degraded") and verdict["labelled"] and verdict["retrain"]
+    assert verdict["decay"]["relative_change"] < 0
+    # What `make retrain` does next: dvc re-runs from ingest (its incoming dependency changed) through the gate.
+    status = dvc(monitored, "status", "--with-deps", "register").stdout
+    assert "ingest" in status
+    dvc(monitored, "repro", "register")
+    claims = pd.read_parquet(monitored / "data/raw/claims.parquet")
+    assert (claims["report_month"] == "2024-01-01").sum() == 900
+    test = pd.read_parquet(monitored / "data/processed/test.parquet")
+    assert test["report_month"].max() == pd.Timestamp("2024-01-01"), "the newest month is evaluated on"
+    decision = json.loads((monitored / "reports/register_decision.json").read_text())
+    assert decision["challenger"]["version"] == 2 and decision["champion"]["version"] == 1
+    assert decision["outcome"] in ("promoted", "kept_champion")
+    assert yaml.safe_load((monitored / "params.yaml").read_text())["monitor"]["retrain"] == "on_drift"
