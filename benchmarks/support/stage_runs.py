@@ -16,6 +16,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
+sys.path.insert(0, str(REPO / "tests"))
+from conftest import copy_project as copy_test_project, merge  # noqa: E402  (one project copier for tests and benchmarks)
+
 # Runs one command and prints the peak RSS (KiB) over its process tree: getrusage(RUSAGE_CHILDREN) reports the
 # largest descendant that was waited for (papermill waits for its kernel, so the kernel is counted).
 _MEASURE = """
@@ -46,28 +49,10 @@ def run(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
 
 
 def copy_project(destination: Path, params: dict) -> Path:
-    "The project's committed and untracked-but-not-ignored files, with `params` as params.yaml, as a fresh repo."
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\0")
-    for relative in filter(None, listed):
-        source = REPO / relative
-        if source.is_file():
-            target = destination / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(source.read_bytes())
-    (destination / "dvc.lock").unlink(missing_ok=True)
-    (destination / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = project_env()
-    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "benchmark copy"]):
-        run(command, destination, env)
-    return destination
-
-
-def merge(base: dict, override: dict) -> dict:
-    merged = dict(base)
-    for key, value in override.items():
-        merged[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
-    return merged
+    "The tests' project copy (a fresh git repo of the project's files), with `params` as its params.yaml."
+    project = copy_test_project(destination, params=None)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return project
 
 
 def run_stages(project: Path, env_extra: dict | None = None) -> dict:
