@@ -195,6 +195,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                         'mlops_notebooks/replay.py'),
                                         'mlops_notebooks.replay._check_month': ('replay.html#_check_month', 'mlops_notebooks/replay.py'),
                                         'mlops_notebooks.replay.gate': ('replay.html#gate', 'mlops_notebooks/replay.py'),
+                                        'mlops_notebooks.replay.learnable': ('replay.html#learnable', 'mlops_notebooks/replay.py'),
                                         'mlops_notebooks.replay.main': ('replay.html#main', 'mlops_notebooks/replay.py'),
                                         'mlops_notebooks.replay.monthly_error': ('replay.html#monthly_error', 'mlops_notebooks/replay.py'),
                                         'mlops_notebooks.replay.plot_timeline': ('replay.html#plot_timeline', 'mlops_notebooks/replay.py'),

@@ -22,7 +22,7 @@ from .settings import ParamsError, StageParams
 from .train import TrainParams, feature_frame, fit_model, sample_weight
 
 # %% auto #0
-__all__ = ['ReplayParams', 'Candidate', 'train_candidate', 'gate', 'monthly_error', 'replay_months', 'plot_timeline',
+__all__ = ['ReplayParams', 'Candidate', 'train_candidate', 'gate', 'monthly_error', 'learnable', 'replay_months', 'plot_timeline',
            'write_replay', 'summarise', 'main']
 
 # %% ../nbs/12_replay.ipynb #c005
@@ -91,7 +91,16 @@ def monthly_error(model, batch:pd.DataFrame, data:DataParams) -> float:
     return cost_metrics(batch[data.model_target].to_numpy(dtype=float), predicted, data.deviance_power,
                         sample_weight(batch, data))["mean_deviance"]
 
-# %% ../nbs/12_replay.ipynb #c010
+# %% ../nbs/12_replay.ipynb #c011
+def learnable(flagged:list[str], # months the monitor flagged, YYYY-MM
+              month:str,         # the month just ended
+              test_months:int,   # the newest months held out for the gate
+             ) -> list[str]:
+    "The flagged months a challenger trained at the end of `month` would learn from."
+    trained_until = str(pd.Period(month, freq="M") - test_months)
+    return [flagged_month for flagged_month in flagged if flagged_month <= trained_until]
+
+# %% ../nbs/12_replay.ipynb #c013
 def replay_months(params:ReplayParams, data:DataParams, train:TrainParams, rule:RegisterParams,
                   monitor:MonitorParams, on_month=None, # called with each month's row, e.g. to print progress
                  ) -> tuple[pd.DataFrame, list[dict]]:
@@ -107,6 +116,7 @@ def replay_months(params:ReplayParams, data:DataParams, train:TrainParams, rule:
     decisions = [{**gate(champion, None, data, rule), "month": first, "version": 1}]
     never = champion.model
     next_id = int(history[data.id].max()) + 1
+    flagged = []  # months the monitor flagged that no challenger has learned from yet
     rows = []
     for index, month in enumerate(params.months()):
         claims = generate_claims(params.claims_per_month, month, 1, seed=params.seed + 1 + index,
@@ -120,14 +130,21 @@ def replay_months(params:ReplayParams, data:DataParams, train:TrainParams, rule:
         row.update({"verdict": verdict["verdict"], "drifted_features": len(verdict["drifted_features"]),
                     "decay": verdict["decay"]["relative_change"] if verdict["decay"] else None})
         pool = pd.concat([pool, batch], ignore_index=True)
-        row["retrained"] = should_retrain(verdict["verdict"], monitor.retrain)
+        wanted = should_retrain(verdict["verdict"], monitor.retrain)
+        if wanted:
+            flagged.append(month)
+        row["retrained"] = wanted if monitor.retrain == "always" else bool(learnable(flagged, month, params.test_months))
         row["outcome"] = ""
         if row["retrained"]:
             challenger = train_candidate(pool, len(decisions) + 1, data, split, train)
             decision = {**gate(challenger, champion, data, rule), "month": month, "verdict": verdict["verdict"],
+                        "flagged_months": learnable(flagged, month, params.test_months),
                         "drifted_features": verdict["drifted_features"], "trained_until": challenger.trained_until}
             decisions.append(decision)
             row["outcome"] = decision["outcome"]
+            # the flagged months this challenger learned from are settled, whatever the gate said; a drift that
+            # persists is flagged again against the champion's reference
+            flagged = [flagged_month for flagged_month in flagged if flagged_month > challenger.trained_until]
             if decision["outcome"] == "promoted":
                 champion = challenger
         rows.append(row)
@@ -135,7 +152,7 @@ def replay_months(params:ReplayParams, data:DataParams, train:TrainParams, rule:
             on_month(row)
     return pd.DataFrame(rows), decisions
 
-# %% ../nbs/12_replay.ipynb #c014
+# %% ../nbs/12_replay.ipynb #c017
 def plot_timeline(timeline:pd.DataFrame, drift_start:str=""):
     "The monthly error of 'never re-trained' against 'with the loop', with drift flags and promotions."
     import matplotlib
@@ -184,7 +201,7 @@ def summarise(timeline:pd.DataFrame) -> dict:
             "months_loop_worse_than_never": int((drifted["error_loop"] > drifted["error_never"]).sum()),
             "promotions": int((timeline["outcome"] == "promoted").sum())}
 
-# %% ../nbs/12_replay.ipynb #c017
+# %% ../nbs/12_replay.ipynb #c020
 def main(argv:list[str]|None=None) -> dict:
     "The replay command: read params.yaml, replay, write the record, print a summary."
     import argparse
@@ -216,7 +233,7 @@ def main(argv:list[str]|None=None) -> dict:
     print(json.dumps(figures), f"-> {output}", sep="\n")
     return figures
 
-# %% ../nbs/12_replay.ipynb #c018
+# %% ../nbs/12_replay.ipynb #c021
 if __name__ == "__main__":
     from mlops_notebooks.settings import UserError
     try:
