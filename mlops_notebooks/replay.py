@@ -199,6 +199,9 @@ def summarise(timeline:pd.DataFrame) -> dict:
             "detection_delay_months": int(np.argmax(flagged)) if flagged.any() else None,
             "false_alarms": int((stable["verdict"] != "stable").sum()), "stable_months": len(stable),
             "months_loop_worse_than_never": int((drifted["error_loop"] > drifted["error_never"]).sum()),
+            "months_loop_better_than_never": int((drifted["error_loop"] < drifted["error_never"]).sum()),
+            # the first champion still serving: both are the same model (the onset month and the month after it)
+            "months_first_champion_serving": int((drifted["champion_version"] == 1).sum()),
             "promotions": int((timeline["outcome"] == "promoted").sum())}
 
 # %% ../nbs/12_replay.ipynb #c020
