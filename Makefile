@@ -76,11 +76,13 @@ fremtpl2-frequency fremtpl2-pure-premium: $(STAMP)
 # The loop on the real project: the monitor judges data/incoming with the current champion (--single-item: it does
 # not first re-train on the batch it judges); a DVC stage cannot skip its downstream, so the retrain policy
 # (monitor.retrain) is applied here, from the verdict's `retrain` field: `dvc repro register` re-runs from ingest
-# (labelled incoming files join the claims) through train, evaluate and the registry gate.
+# (labelled incoming files join the claims) through train, evaluate and the registry gate. Under on_drift the
+# monitor defers re-training while the flagged months would only be the gate's test months (see nbs/11_monitor).
 retrain: $(STAMP)
 	$(BIN)/dvc repro --single-item monitor
 	@if $(BIN)/python -c "import json, sys; sys.exit(0 if json.load(open('reports/monitor_verdict.json'))['retrain'] else 1)"; \
-	then $(BIN)/dvc repro register; else echo "monitor.retrain: no re-training after this verdict"; fi
+	then $(BIN)/dvc repro register; else $(BIN)/python -c "import json; v = json.load(open('reports/monitor_verdict.json')); \
+	print('no re-training after this verdict (' + v['verdict'] + '): ' + v.get('retrain_deferred', 'monitor.retrain is ' + v['retrain_policy']))"; fi
 
 # Months of generated claims with drift (the `replay` section of params.yaml): reports/replay/.
 replay: $(STAMP)

@@ -21,7 +21,8 @@ from .settings import DataError, StageParams
 # %% auto #0
 __all__ = ['MonitorParams', 'psi', 'numeric_bin_counts', 'numeric_drift', 'categorical_drift', 'adjust_p_values',
            'batch_problems', 'has_labels', 'unit_deviance', 'modelled_target', 'performance_decay', 'sample_reference',
-           'feature_evidence', 'monitor_batch', 'read_incoming', 'read_prediction_log', 'should_retrain']
+           'feature_evidence', 'monitor_batch', 'read_incoming', 'read_prediction_log', 'should_retrain', 'learnable',
+           'batch_months']
 
 # %% ../nbs/11_monitor.ipynb #c005
 class MonitorParams(StageParams):
@@ -271,3 +272,19 @@ def should_retrain(verdict:str, policy:str) -> bool:
     if verdict in ("invalid", "no_data") or policy == "never":
         return False
     return policy == "always" or verdict in ("drift", "degraded")
+
+# %% ../nbs/11_monitor.ipynb #c033
+def learnable(flagged:list[str], # flagged months, YYYY-MM
+              months:list[str],  # every month of the claims a challenger would be trained and gated on, YYYY-MM
+              test_months:int,   # `features.test_months`: the newest months held out for the gate
+             ) -> list[str]:
+    "The flagged months a challenger would learn from: all but the newest `test_months` months, held out for the gate."
+    held_out = sorted(set(months))[-test_months:]
+    return [month for month in flagged if month < held_out[0]]
+
+def batch_months(frame:pd.DataFrame, period:str) -> list[str]:
+    "The report months (YYYY-MM) in a table's period column; unreadable values are left out."
+    if not period or period not in frame.columns:
+        return []
+    months = pd.to_datetime(frame[period], errors="coerce").dropna().dt.to_period("M").astype(str)
+    return sorted(months.unique())

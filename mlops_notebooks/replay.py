@@ -16,13 +16,13 @@ from pydantic import Field, field_validator, model_validator
 from .evaluate import cost_metrics
 from .features import FeaturesParams, select_features, split_claims
 from .ingest import DataParams, DriftKnobs, generate_claims
-from .monitor import MonitorParams, monitor_batch, should_retrain
+from .monitor import MonitorParams, learnable, monitor_batch, should_retrain
 from .register import RegisterParams, decide, sanity_checks
 from .settings import ParamsError, StageParams
 from .train import TrainParams, feature_frame, fit_model, sample_weight
 
 # %% auto #0
-__all__ = ['ReplayParams', 'Candidate', 'train_candidate', 'gate', 'monthly_error', 'learnable', 'replay_months', 'plot_timeline',
+__all__ = ['ReplayParams', 'Candidate', 'train_candidate', 'gate', 'monthly_error', 'replay_months', 'plot_timeline',
            'write_replay', 'summarise', 'main']
 
 # %% ../nbs/12_replay.ipynb #c005
@@ -92,15 +92,6 @@ def monthly_error(model, batch:pd.DataFrame, data:DataParams) -> float:
                         sample_weight(batch, data))["mean_deviance"]
 
 # %% ../nbs/12_replay.ipynb #c011
-def learnable(flagged:list[str], # months the monitor flagged, YYYY-MM
-              month:str,         # the month just ended
-              test_months:int,   # the newest months held out for the gate
-             ) -> list[str]:
-    "The flagged months a challenger trained at the end of `month` would learn from."
-    trained_until = str(pd.Period(month, freq="M") - test_months)
-    return [flagged_month for flagged_month in flagged if flagged_month <= trained_until]
-
-# %% ../nbs/12_replay.ipynb #c013
 def replay_months(params:ReplayParams, data:DataParams, train:TrainParams, rule:RegisterParams,
                   monitor:MonitorParams, on_month=None, # called with each month's row, e.g. to print progress
                  ) -> tuple[pd.DataFrame, list[dict]]:
@@ -133,12 +124,13 @@ def replay_months(params:ReplayParams, data:DataParams, train:TrainParams, rule:
         wanted = should_retrain(verdict["verdict"], monitor.retrain)
         if wanted:
             flagged.append(month)
-        row["retrained"] = wanted if monitor.retrain == "always" else bool(learnable(flagged, month, params.test_months))
+        months = [str(period) for period in pd.period_range(first, month, freq="M")]  # the claims' months so far
+        row["retrained"] = wanted if monitor.retrain == "always" else bool(learnable(flagged, months, params.test_months))
         row["outcome"] = ""
         if row["retrained"]:
             challenger = train_candidate(pool, len(decisions) + 1, data, split, train)
             decision = {**gate(challenger, champion, data, rule), "month": month, "verdict": verdict["verdict"],
-                        "flagged_months": learnable(flagged, month, params.test_months),
+                        "flagged_months": learnable(flagged, months, params.test_months),
                         "drifted_features": verdict["drifted_features"], "trained_until": challenger.trained_until}
             decisions.append(decision)
             row["outcome"] = decision["outcome"]
@@ -152,7 +144,7 @@ def replay_months(params:ReplayParams, data:DataParams, train:TrainParams, rule:
             on_month(row)
     return pd.DataFrame(rows), decisions
 
-# %% ../nbs/12_replay.ipynb #c017
+# %% ../nbs/12_replay.ipynb #c015
 def plot_timeline(timeline:pd.DataFrame, drift_start:str=""):
     "The monthly error of 'never re-trained' against 'with the loop', with drift flags and promotions."
     import matplotlib
@@ -204,7 +196,7 @@ def summarise(timeline:pd.DataFrame) -> dict:
             "months_first_champion_serving": int((drifted["champion_version"] == 1).sum()),
             "promotions": int((timeline["outcome"] == "promoted").sum())}
 
-# %% ../nbs/12_replay.ipynb #c020
+# %% ../nbs/12_replay.ipynb #c018
 def main(argv:list[str]|None=None) -> dict:
     "The replay command: read params.yaml, replay, write the record, print a summary."
     import argparse
@@ -236,7 +228,7 @@ def main(argv:list[str]|None=None) -> dict:
     print(json.dumps(figures), f"-> {output}", sep="\n")
     return figures
 
-# %% ../nbs/12_replay.ipynb #c021
+# %% ../nbs/12_replay.ipynb #c019
 if __name__ == "__main__":
     from mlops_notebooks.settings import UserError
     try:

@@ -99,7 +99,8 @@ def monitored(repro_project, tmp_path):
 
 def _incoming_batch(project, knobs=None, rows=600, start="2024-01"):
     "A month after the small params' training data (2023-01 .. 2023-12), with the claims table's columns."
-    return generate_claims(rows, start, 1, seed=11, drift=knobs, first_claim_id=10**7)
+    later = int(start[-2:]) - 1  # months after 2024-01: their own seed, and claim ids unique across months
+    return generate_claims(rows, start, 1, seed=11 + later, drift=knobs, first_claim_id=10**7 + later * 10**5)
 
 
 def _run_monitor(project) -> dict:
@@ -141,18 +142,28 @@ def test_bad_batches_get_a_clear_verdict_and_leave_the_reference_alone(monitored
 
 def test_a_labelled_drifted_batch_is_flagged_and_enters_the_training_window(monitored):
     knobs = DriftKnobs(start_month="2024-01", inflation_monthly=0.05, mix_shift=0.6, concept_shift=2.0)
-    _incoming_batch(monitored, knobs, rows=900).to_parquet(monitored / "data/incoming/2024-01.parquet")
+    incoming = monitored / "data/incoming"
+    _incoming_batch(monitored, knobs, rows=900).to_parquet(incoming / "2024-01.parquet")
     verdict = _run_monitor(monitored)
-    assert verdict["verdict"] in ("drift", "degraded") and verdict["labelled"] and verdict["retrain"]
+    assert verdict["verdict"] in ("drift", "degraded") and verdict["labelled"]
     assert verdict["decay"]["relative_change"] < 0
+    # The small params hold out 3 test months: a challenger re-trained now would be gated on 2024-01, not trained on it.
+    assert verdict["retrain"] is False and verdict["learnable_months"] == []
+    assert "2024-01" in verdict["retrain_deferred"] and "test_months=3" in verdict["retrain_deferred"]
+    for month in ("2024-02", "2024-03", "2024-04"):  # three more months arrive: 2024-01 moves out of the test months
+        _incoming_batch(monitored, knobs, rows=900, start=month).to_parquet(incoming / f"{month}.parquet")
+    verdict = _run_monitor(monitored)
+    assert verdict["verdict"] in ("drift", "degraded") and verdict["retrain"] is True
+    assert verdict["learnable_months"] == ["2024-01"] and "retrain_deferred" not in verdict
     # What `make retrain` does next: dvc re-runs from ingest (its incoming dependency changed) through the gate.
     status = dvc(monitored, "status", "--with-deps", "register").stdout
     assert "ingest" in status
     dvc(monitored, "repro", "register")
     claims = pd.read_parquet(monitored / "data/raw/claims.parquet")
     assert (claims["report_month"] == "2024-01-01").sum() == 900
-    test = pd.read_parquet(monitored / "data/processed/test.parquet")
-    assert test["report_month"].max() == pd.Timestamp("2024-01-01"), "the newest month is evaluated on"
+    train, test = (pd.read_parquet(monitored / f"data/processed/{part}.parquet") for part in ("train", "test"))
+    assert (train["report_month"] == "2024-01-01").sum() == 900, "the flagged month is training data"
+    assert test["report_month"].min() == pd.Timestamp("2024-02-01") and test["report_month"].max() == pd.Timestamp("2024-04-01")
     decision = json.loads((monitored / "reports/register_decision.json").read_text())
     assert decision["challenger"]["version"] == 2 and decision["champion"]["version"] == 1
     assert decision["outcome"] in ("promoted", "kept_champion")
