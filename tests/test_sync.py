@@ -54,4 +54,4 @@ def test_every_stage_notebook_is_a_dvc_stage():
     dvc_yaml = (REPO / "dvc.yaml").read_text()
     assert len(STAGE_NOTEBOOKS) >= 5
     for notebook in STAGE_NOTEBOOKS:
-        assert f"papermill --no-progress-bar --log-level ERROR nbs/{notebook.name} reports/{notebook.name}" in dvc_yaml, notebook.name
+        assert f"papermill --engine stage --no-progress-bar --log-level ERROR nbs/{notebook.name} reports/{notebook.name}" in dvc_yaml, notebook.name
