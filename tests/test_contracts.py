@@ -195,7 +195,7 @@ def test_add_stage_creates_a_stage_that_dvc_runs_and_that_the_guard_holds_to_its
     stage = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]["claims_summary"]
     assert "data/raw/claims.parquet" in stage["deps"] and "mlops_notebooks/contracts.py" in stage["deps"]
     assert run([CLI, "stages", "check"], project).returncode == 0
-    run([str(BIN / "nbdev-test"), "--path", "nbs/14_claims_summary.ipynb"], project)  # its example cell passes
+    run([str(BIN / "nbdev-test"), "nbs/14_claims_summary.ipynb"], project)  # its example cell passes
 
     dvc(project, "repro", "claims_summary")
     summary = json.loads((project / "reports/claims_summary.json").read_text())
