@@ -21,11 +21,12 @@ from .settings import UserError, project_root
 # %% auto #0
 __all__ = ['PACKAGE', 'CONTRACT_HEADING', 'HANDWRITTEN', 'PAPERMILL', 'WATCHED', 'CONTRACT_KEYS', 'GENERATED_HEADER',
            'ContractError', 'UndeclaredRead', 'Contract', 'notebook_cells', 'entry_path', 'parse_contract',
-           'read_contract', 'imported_modules', 'default_exp', 'Library', 'load_library', 'module_deps',
-           'all_contracts', 'stage_definition', 'read_handwritten', 'render_dvc_yaml', 'generate_dvc_yaml',
-           'parameters_cell', 'parameters_defaults', 'missing_keys', 'params_reads', 'lint_params', 'stale_dvc_yaml',
-           'check_project', 'declared_paths', 'undeclared', 'guard_undeclared_reads', 'next_notebook_number',
-           'stage_notebook', 'add_stage', 'stages_command', 'add_stage_command', 'add_contract_commands']
+           'read_contract', 'contract_from_cells', 'imported_modules', 'default_exp', 'Library', 'load_library',
+           'module_deps', 'all_contracts', 'stage_definition', 'read_handwritten', 'render_dvc_yaml',
+           'generate_dvc_yaml', 'parameters_cell', 'parameters_defaults', 'missing_keys', 'params_reads', 'lint_params',
+           'stale_dvc_yaml', 'check_project', 'declared_paths', 'find_contract', 'undeclared', 'guard_undeclared_reads',
+           'stop_guarding', 'next_notebook_number', 'stage_notebook', 'add_stage', 'export_modules', 'stages_command',
+           'add_stage_command', 'add_contract_commands']
 
 # %% ../nbs/13_contracts.ipynb #c004
 PACKAGE = "mlops_notebooks"                # the library's import name (pyproject.toml [tool.nbdev] lib_name)
@@ -116,7 +117,11 @@ def read_contract(path:Path, # a notebook
                  ) -> Contract|None:
     "The notebook's contract (from its `## Contract` cell), or None when it has none."
     notebook = Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
-    cells = [cell for cell in notebook_cells(path)
+    return contract_from_cells(notebook_cells(path), notebook)
+
+def contract_from_cells(cells:list[dict], notebook:str) -> Contract|None:
+    "The contract in a notebook's cells, or None."
+    cells = [cell for cell in cells
              if cell["cell_type"] == "markdown" and cell["source"].lstrip().startswith(CONTRACT_HEADING)]
     if not cells:
         return None
@@ -199,7 +204,7 @@ def module_deps(library:Library, notebook:str) -> list[str]:
 def all_contracts(root:Path, library:Library|None=None) -> list[Contract]:
     "Every notebook's contract, in notebook order; `ContractError` when two claim one stage name."
     library = library or load_library(root)
-    contracts = [contract for contract in (read_contract(Path(root) / notebook, root) for notebook in library.notebooks)
+    contracts = [contract for contract in (contract_from_cells(cells, notebook) for notebook, cells in library.notebooks.items())
                  if contract is not None]
     seen = {}
     for contract in contracts:
@@ -290,8 +295,12 @@ def parameters_defaults(cells:list[dict]) -> dict:
     cell = parameters_cell(cells)
     if cell is None:
         return {}
+    try:
+        body = ast.parse(cell["source"]).body
+    except SyntaxError:  # nbdev-test reports it; there is nothing to compare
+        return {}
     defaults = {}
-    for node in ast.parse(cell["source"]).body:
+    for node in body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             try:
                 defaults[node.targets[0].id] = ast.literal_eval(node.value)
@@ -358,6 +367,12 @@ def lint_params(root:Path, library:Library|None=None) -> list[str]:
     for notebook, cells in library.notebooks.items():
         contract = contracts.get(notebook)
         who = f"{notebook} ({contract.name})" if contract else f"{notebook} (no contract)"
+        code = [cell["source"] for cell in cells if cell["cell_type"] == "code"]
+        if contract is None and any(source.startswith("#| pipeline") for source in code):
+            problems.append(f"{who}: has #| pipeline cells but no '{CONTRACT_HEADING}' cell: it would be in no "
+                            f"stage of dvc.yaml")
+        if contract is not None and contract.stage and not any("guard_undeclared_reads(" in source for source in code):
+            problems.append(f"{who}: no pipeline cell calls guard_undeclared_reads(\"{contract.stage}\")")
         for section, value in parameters_defaults(cells).items():
             if section not in sections:
                 problems.append(f"{who}: parameters cell: section '{section}' is not in params.yaml")
@@ -420,17 +435,26 @@ def check_project(root:Path|None=None) -> list[str]:
 # %% ../nbs/13_contracts.ipynb #c023
 _GUARD = {"installed": False, "root": None, "allowed": (), "stage": None, "notebook": None}
 
-def declared_paths(contract:Contract, library:Library) -> list[str]:
-    "Every path the stage may read: its dvc.yaml deps and outs (files, or folders with all below them)."
-    stage = stage_definition(contract, library)
-    return [entry_path(entry) for key in ("deps", "outs", "metrics", "plots") for entry in stage.get(key, [])]
+def declared_paths(contract:Contract) -> list[str]:
+    "Every path the stage may read: its inputs, outputs, metrics, plots and report (a folder covers all below it)."
+    entries = [*contract.inputs, *contract.outputs, *contract.metrics, *contract.plots, contract.report]
+    return [entry_path(entry) for entry in entries]
+
+def find_contract(root:Path, stage:str) -> Contract|None:
+    "The contract of `stage`, reading only the notebooks that mention it (this runs at the start of every stage)."
+    for path in sorted((Path(root) / "nbs").glob("*.ipynb")):
+        if f"stage: {stage}" in path.read_text():
+            contract = read_contract(path, root)
+            if contract is not None and contract.stage == stage:
+                return contract
+    return None
 
 def undeclared(path:str,        # the path being opened (absolute, or relative to the current directory)
                root:str,        # the project root (absolute, resolved)
                allowed:tuple,   # declared paths, relative to the root
               ) -> str|None:
     "The path relative to the root when it lies under a watched folder and nothing declared covers it; else None."
-    absolute = os.path.realpath(path)
+    absolute = os.path.abspath(path)  # no symlink resolution: a declared path is the path as DVC sees it
     if not absolute.startswith(root + os.sep):
         return None
     relative = absolute[len(root) + 1:]
@@ -477,11 +501,10 @@ def guard_undeclared_reads(stage:str,          # the stage whose contract applie
                           ) -> list[str]:
     "From now on in this process, reading an undeclared file under data/, models/ or reports/ raises `UndeclaredRead`."
     root = Path(root) if root else project_root()
-    library = load_library(root)
-    contract = next((contract for contract in all_contracts(root, library) if contract.stage == stage), None)
+    contract = find_contract(root, stage)
     if contract is None:
         raise ContractError(f"no notebook in {root / 'nbs'} has a contract for stage '{stage}'")
-    allowed = tuple(declared_paths(contract, library))
+    allowed = tuple(declared_paths(contract))
     _GUARD.update(root=os.path.realpath(root), allowed=allowed, stage=stage, notebook=contract.notebook)
     if not _GUARD["installed"]:
         sys.addaudithook(_check_open)
@@ -489,7 +512,12 @@ def guard_undeclared_reads(stage:str,          # the stage whose contract applie
         _GUARD["installed"] = True
     return list(allowed)
 
-# %% ../nbs/13_contracts.ipynb #c027
+# %% ../nbs/13_contracts.ipynb #c025
+def stop_guarding():
+    "Let every read pass again in this process (the hook stays installed, but idle)."
+    _GUARD.update(root=None, allowed=(), stage=None, notebook=None)
+
+# %% ../nbs/13_contracts.ipynb #c029
 _STAGE_TEMPLATE = [
     ("code", "#| default_exp {name}"),
     ("markdown", "# {title}\n\n> A new stage after `{after}`: it summarises what `{after}` writes. Describe yours here."),
@@ -570,7 +598,7 @@ def add_stage(name:str,          # the new stage (and module, and params section
     for taken, what in [(stages, "a stage"), (library.modules, "a module"), (params, "a params.yaml section")]:
         if name in taken:
             raise UserError(f"add-stage {name}: '{name}' is already {what}")
-    problems = check_project(root)
+    problems = lint_params(root, library)  # a stale dvc.yaml is fine: it is regenerated below
     if problems:  # refuse to build on a broken state: the new stage would hide or inherit the problem
         raise UserError("add-stage: fix these first:\n" + "\n".join(problems))
     file_name, notebook = stage_notebook(name, stages[after], next_notebook_number(root))
@@ -581,10 +609,21 @@ def add_stage(name:str,          # the new stage (and module, and params section
                      f"  max_columns: 20\n")
     generate_dvc_yaml(root)
     if export:
-        subprocess.run([str(Path(sys.executable).parent / "nbdev-export")], cwd=root, check=True, capture_output=True)
+        export_modules(root)
     return path
 
-# %% ../nbs/13_contracts.ipynb #c030
+def export_modules(root:Path):
+    "Run nbdev-export (from this Python's environment) at the project root."
+    command = Path(sys.executable).parent / "nbdev-export"
+    try:
+        subprocess.run([str(command)], cwd=root, check=True, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise UserError(f"{command} not found: run `make export` to write the module") from None
+    except subprocess.CalledProcessError as error:
+        last = (error.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"nbdev-export failed ({last}): run `make export` to see why") from None
+
+# %% ../nbs/13_contracts.ipynb #c032
 def stages_command(args) -> int:
     "`stages generate` writes dvc.yaml; `stages check` prints every problem and exits 1 when there is one."
     root = project_root()
