@@ -55,3 +55,10 @@ def test_every_stage_notebook_is_a_dvc_stage():
     assert len(STAGE_NOTEBOOKS) >= 5
     for notebook in STAGE_NOTEBOOKS:
         assert f"papermill --engine stage --no-progress-bar --log-level ERROR nbs/{notebook.name} reports/{notebook.name}" in dvc_yaml, notebook.name
+
+
+def test_dvc_yaml_is_generated_and_params_agree_with_the_contracts():
+    "dvc.yaml is what the notebooks' contracts generate; params.yaml, parameters cells and contracts agree."
+    from mlops_notebooks.contracts import check_project
+    problems = check_project(REPO)
+    assert not problems, "\n".join(problems)
