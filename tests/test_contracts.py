@@ -182,9 +182,11 @@ def test_add_stage_refuses_bad_input_and_changes_nothing(tmp_path):
 
 def test_add_stage_creates_a_stage_that_dvc_runs_and_that_the_guard_holds_to_its_contract(tmp_path):
     project = copy_project(tmp_path / "project")
+    number = max(int(path.name[:2]) for path in (project / "nbs").glob("[0-9][0-9]_*.ipynb")) + 1  # the next free one
+    name = f"{number:02d}_claims_summary.ipynb"
     created = run([CLI, "add-stage", "claims_summary", "--after", "ingest"], project)
-    assert "created nbs/14_claims_summary.ipynb" in created.stdout
-    notebook = nbformat.read(project / "nbs/14_claims_summary.ipynb", 4)
+    assert f"created nbs/{name}" in created.stdout
+    notebook = nbformat.read(project / f"nbs/{name}", 4)
     sources = [cell.source for cell in notebook.cells]
     assert sources[0] == "#| default_exp claims_summary"
     assert any(cell.metadata.get("tags") == ["parameters"] for cell in notebook.cells)
@@ -195,23 +197,23 @@ def test_add_stage_creates_a_stage_that_dvc_runs_and_that_the_guard_holds_to_its
     stage = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]["claims_summary"]
     assert "data/raw/claims.parquet" in stage["deps"] and "mlops_notebooks/contracts.py" in stage["deps"]
     assert run([CLI, "stages", "check"], project).returncode == 0
-    run([str(BIN / "nbdev-test"), "nbs/14_claims_summary.ipynb"], project)  # its example cell passes
+    run([str(BIN / "nbdev-test"), f"nbs/{name}"], project)  # its example cell passes
 
     dvc(project, "repro", "claims_summary")
     summary = json.loads((project / "reports/claims_summary.json").read_text())
     assert summary["data/raw/claims.parquet"]["rows"] > 0
-    assert (project / "reports/14_claims_summary.ipynb").exists()
+    assert (project / f"reports/{name}").exists()
 
     # A read the contract does not declare stops the stage, naming the file.
     notebook.cells.append(nbformat.v4.new_code_cell("#| pipeline\nopen(root / 'reports/02_ingest.ipynb').read()"))
-    nbformat.write(notebook, project / "nbs/14_claims_summary.ipynb")
+    nbformat.write(notebook, project / f"nbs/{name}")
     failed = dvc(project, "repro", "claims_summary", check=False)
     assert failed.returncode != 0
     assert "UndeclaredRead: reports/02_ingest.ipynb: stage 'claims_summary' read a file its contract does not declare" \
         in failed.stdout + failed.stderr
 
     # Declared in the contract and regenerated, the same read passes.
-    edit_contract(project, "14_claims_summary.ipynb", "  - data/raw/claims.parquet\n",
+    edit_contract(project, name, "  - data/raw/claims.parquet\n",
                   "  - data/raw/claims.parquet\n  - reports/02_ingest.ipynb\n")
     run([CLI, "stages", "generate"], project)
     dvc(project, "repro", "claims_summary")
