@@ -62,3 +62,14 @@ def test_dvc_yaml_is_generated_and_params_agree_with_the_contracts():
     from mlops_notebooks.contracts import check_project
     problems = check_project(REPO)
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("example", sorted(path.name for path in (REPO / "examples/fremtpl2").glob("*.yaml")))
+def test_the_example_params_files_agree_with_the_contracts(example, tmp_path):
+    "`make fremtpl2-*` makes an example the params.yaml: `make test` must still pass afterwards."
+    from mlops_notebooks.contracts import lint_params
+    for name in ("nbs", "mlops_notebooks"):
+        shutil.copytree(REPO / name, tmp_path / name)
+    shutil.copy(REPO / "examples/fremtpl2" / example, tmp_path / "params.yaml")
+    problems = lint_params(tmp_path)
+    assert not problems, "\n".join(problems)
