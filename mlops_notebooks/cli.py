@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     score_parser.add_argument("--model", help="models:/<name>@<alias>, models:/<name>/<version> or a version number "
                                               "(default: the champion)")
     score_parser.set_defaults(handler=score)
+    from mlops_notebooks.team import add_team_commands
+    add_team_commands(commands)  # `stack up|down|status` and `remote`: the shared team setup
     return parser
 
 def main(argv:list[str]|None=None) -> int:
