@@ -266,6 +266,7 @@ def _base_environment() -> dict:
     drop = (*CREDENTIAL_VARIABLES, "MLFLOW_TRACKING_URI", "PGPASSWORD")
     env = {key: value for key, value in os.environ.items() if key not in drop and not key.startswith("MLOPS_")}
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    env["PYTHONUNBUFFERED"] = "1"  # the logs show what happened up to now, not up to the last full buffer
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
