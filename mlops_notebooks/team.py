@@ -38,6 +38,8 @@ def stack_credentials(environ:dict|None=None) -> dict:
     if missing:
         raise UserError(f"the team stack needs credentials in the environment: {', '.join(missing)} not set "
                         "(see docs/team-setup.md)")
+    if len(environ["MLFLOW_TRACKING_PASSWORD"]) < 12:  # the auth app refuses to create its admin otherwise
+        raise UserError("MLFLOW_TRACKING_PASSWORD: MLflow's basic-auth app needs at least 12 characters")
     return {name: environ[name] for name in CREDENTIAL_VARIABLES}
 
 def secret_values(environ:dict|None=None) -> list[str]:
