@@ -141,7 +141,10 @@ def alive(pid:int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # an exited process whose new parent has not reaped it yet is a zombie: gone for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 def stop_process(pid:int, timeout:float=20.0):
     "Stop the process group `pid` leads: SIGTERM, then SIGKILL after `timeout` seconds."
