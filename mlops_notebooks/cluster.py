@@ -18,7 +18,7 @@ from .ingest import DataParams
 from .settings import DataError, ParamsError, UserError
 
 # %% auto #0
-__all__ = ['cluster_client', 'write_partitions', 'split_on_cluster', 'features_on_cluster', 'fit_encoder', 'fit_on_cluster']
+__all__ = ['cluster_client', 'split_plan', 'split_partition', 'features_on_cluster', 'fit_encoder', 'fit_on_cluster']
 
 # %% ../nbs/15_cluster.ipynb #c005
 @contextlib.contextmanager
@@ -37,72 +37,78 @@ def cluster_client(address:str, # the scheduler, e.g. tcp://127.0.0.1:8786
         client.close()
 
 # %% ../nbs/15_cluster.ipynb #c010
-def write_partitions(frame, # a dask.dataframe.DataFrame
-                     target:Path|str) -> int:
-    "Write `frame` to one Parquet file at `target`, a partition at a time; return the number of rows."
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from distributed import futures_of, wait
-    rows = 0
-    schema = pa.Schema.from_pandas(frame._meta, preserve_index=False)
-    with atomic_path(target) as temporary, pq.ParquetWriter(temporary, schema) as writer:
-        for partition in frame.to_delayed():
-            part = partition.compute()
-            if len(part):
-                writer.write_table(pa.Table.from_pandas(part, schema=schema, preserve_index=False))
-                rows += len(part)
-    return rows
-
-# %% ../nbs/15_cluster.ipynb #c012
-def _random_share(part:pd.DataFrame, seed:int, partition_info=None) -> pd.Series:
-    "A seeded uniform number per row of one partition."
-    number = partition_info["number"] if partition_info else 0
-    return pd.Series(np.random.default_rng([seed, number]).random(len(part)), index=part.index)
-
-def split_on_cluster(claims,                # dask.dataframe of validated claims
-                     data:DataParams, params:FeaturesParams):
-    "(train, test) as dask frames: `select_features` per partition, then `features.split`."
-    selected = claims.map_partitions(select_features, data, meta=select_features(claims._meta, data))
+def split_plan(periods:pd.Series, data:DataParams, params:FeaturesParams) -> dict:
+    "The first test period and the first training period for a time split, from the distinct periods."
     if params.split == "random":
         if params.window_months:
             raise ParamsError("params.yaml: features.window_months needs features.split: time")
-        share = selected.map_partitions(_random_share, params.seed, meta=("share", "float64"))
-        return selected[share >= params.test_share], selected[share < params.test_share]
+        return {}
     if not data.period:
         raise ParamsError("params.yaml: features.split=time needs a period column (data.period); "
                           "use features.split: random for data without one")
-    months = pd.Series(selected[data.period].unique().compute()).sort_values().reset_index(drop=True)
+    months = pd.Series(periods.unique()).sort_values().reset_index(drop=True)
     if len(months) <= params.test_months:
         raise ParamsError(f"params.yaml: features.test_months={params.test_months} leaves no training data "
                           f"(the claims span {len(months)} report months)")
-    first_test_month = months.iloc[-params.test_months]
-    train = selected[selected[data.period] < first_test_month]
-    if params.window_months:
-        training_months = months[months < first_test_month]
-        train = train[train[data.period] >= training_months.iloc[-min(params.window_months, len(training_months))]]
-    return train, selected[selected[data.period] >= first_test_month]
+    first_test = months.iloc[-params.test_months]
+    training_months = months[months < first_test]
+    window = min(params.window_months, len(training_months)) if params.window_months else len(training_months)
+    return {"first_test": first_test, "first_train": training_months.iloc[-window]}
 
-def features_on_cluster(client,              # a distributed.Client
+def split_partition(part:pd.DataFrame, # one partition of the validated claims
+                    number:int,        # its position (seeds the random split)
+                    data:DataParams, params:FeaturesParams, plan:dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "(train, test) rows of one partition, after `select_features`."
+    selected = select_features(part, data)
+    if params.split == "random":
+        is_test = np.random.default_rng([params.seed, number]).random(len(selected)) < params.test_share
+        is_train = ~is_test
+    else:
+        is_test = (selected[data.period] >= plan["first_test"]).to_numpy()
+        is_train = ~is_test & (selected[data.period] >= plan["first_train"]).to_numpy()
+    return selected[is_train].reset_index(drop=True), selected[is_test].reset_index(drop=True)
+
+def features_on_cluster(client,               # a distributed.Client
                         claims_path:Path|str, # the validated claims (Parquet)
                         data:DataParams, params:FeaturesParams,
                         train_path:Path|str, test_path:Path|str,
-                        partition_rows:int=1_000_000, # rows per partition the workers read
+                        in_flight:int=4,      # partitions computed ahead of the one being written
                        ) -> dict:
-    "The features stage on the cluster: split and write train/test; return their row counts per period and split."
+    "The features stage on the cluster: split and write train/test; return their row counts (and per period)."
+    import dask
     import dask.dataframe as dd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from collections import deque
     if not Path(claims_path).exists():
         raise DataError(f"{claims_path}: input not found; it is written by the 'validate' stage (run `dvc repro validate`)")
     claims = dd.read_parquet(str(claims_path), split_row_groups=True)
-    claims = claims.repartition(npartitions=max(claims.npartitions, 1))
-    train, test = split_on_cluster(claims, data, params)
-    counts = {"train": write_partitions(train, train_path), "test": write_partitions(test, test_path)}
+    plan = (split_plan(dd.read_parquet(str(claims_path), columns=[data.period])[data.period].unique().compute(),
+                       data, params) if params.split == "time" else split_plan(pd.Series(dtype=object), data, params))
+    schema = pa.Schema.from_pandas(select_features(claims._meta, data), preserve_index=False)
+    split = dask.delayed(split_partition, nout=2)
+    parts = [split(partition, number, data, params, plan) for number, partition in enumerate(claims.to_delayed())]
+    counts = {"train": 0, "test": 0}
+    per_period = {"train": [], "test": []}
+    with atomic_path(train_path) as train_file, atomic_path(test_path) as test_file, \
+         pq.ParquetWriter(train_file, schema) as train_writer, pq.ParquetWriter(test_file, schema) as test_writer:
+        writers = {"train": train_writer, "test": test_writer}
+        pending = deque()
+        for number, part in enumerate(parts):
+            pending.append(client.compute(part))
+            while len(pending) > in_flight or (pending and number == len(parts) - 1):
+                for name, frame in zip(["train", "test"], pending.popleft().result()):
+                    if len(frame):
+                        writers[name].write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False))
+                    counts[name] += len(frame)
+                    if data.period:
+                        per_period[name].append(frame[data.period].value_counts())
     if data.period:
-        per_period = {name: frame[data.period].value_counts().compute() for name, frame in
-                      [("train", train), ("test", test)]}
-        counts["per_period"] = pd.DataFrame(per_period).fillna(0).astype(int).sort_index()
+        counts["per_period"] = pd.DataFrame({name: pd.concat(found).groupby(level=0).sum() if found else pd.Series(dtype=int)
+                                             for name, found in per_period.items()}).fillna(0).astype(int).sort_index()
     return counts
 
-# %% ../nbs/15_cluster.ipynb #c016
+# %% ../nbs/15_cluster.ipynb #c014
 def fit_encoder(train, data:DataParams, params):
     "The pipeline's encoder, fitted on the distinct categories of the dask frame `train`."
     from mlops_notebooks.train import build_model
