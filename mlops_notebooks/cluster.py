@@ -18,7 +18,8 @@ from .ingest import DataParams
 from .settings import DataError, ParamsError, UserError
 
 # %% auto #0
-__all__ = ['cluster_client', 'split_plan', 'split_partition', 'features_on_cluster', 'fit_encoder', 'fit_on_cluster']
+__all__ = ['cluster_client', 'stream_parts', 'part_seed', 'ingest_on_cluster', 'check_partition', 'validate_on_cluster',
+           'split_plan', 'split_partition', 'features_on_cluster', 'fit_encoder', 'fit_on_cluster']
 
 # %% ../nbs/15_cluster.ipynb #c005
 @contextlib.contextmanager
@@ -37,6 +38,143 @@ def cluster_client(address:str, # the scheduler, e.g. tcp://127.0.0.1:8786
         client.close()
 
 # %% ../nbs/15_cluster.ipynb #c010
+def stream_parts(client,               # a distributed.Client
+                 parts:list,           # delayed tuples of frames, one frame per target, in order
+                 targets:list,         # the Parquet files to write
+                 in_flight:int=4,      # parts computed ahead of the one being written
+                 on_part=None,         # called with each computed tuple (e.g. to count rows per period)
+                 before_commit=None,   # called with the row counts before the files are moved into place
+                ) -> list[int]:
+    "Compute the parts a few at a time and append each frame to its target file, in order; return rows per target."
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from collections import deque
+    writers, schemas, rows, last = [None] * len(targets), [None] * len(targets), [0] * len(targets), [None] * len(targets)
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(atomic_path(target)) for target in targets]
+
+        def write(frames):
+            for number, frame in enumerate(frames):
+                last[number] = frame
+                if len(frame) and writers[number] is None:  # the schema of the first rows (an empty frame may lack types)
+                    schemas[number] = pa.Schema.from_pandas(frame, preserve_index=False)
+                    writers[number] = stack.enter_context(pq.ParquetWriter(files[number], schemas[number]))
+                if len(frame):
+                    writers[number].write_table(pa.Table.from_pandas(frame, schema=schemas[number], preserve_index=False))
+                rows[number] += len(frame)
+            if on_part is not None:
+                on_part(frames)
+
+        pending = deque()
+        for part in parts:
+            pending.append(client.compute(part))
+            if len(pending) > in_flight:
+                write(pending.popleft().result())
+        while pending:
+            write(pending.popleft().result())
+        for number, writer in enumerate(writers):
+            if writer is None and last[number] is not None:  # no rows at all: still a readable, typed file
+                last[number].to_parquet(files[number], index=False)
+        if before_commit is not None:
+            before_commit(rows)
+    return rows
+
+# %% ../nbs/15_cluster.ipynb #c012
+def part_seed(seed:int, number:int) -> int:
+    "The generator seed of part `number`: `seed` itself for the first part."
+    return seed if number == 0 else int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+def ingest_on_cluster(client,            # a distributed.Client
+                      data:DataParams,   # the declared data
+                      params,            # IngestParams
+                      root:Path,         # project root: sources are relative to it
+                      target:Path|str,   # where the raw claims go
+                      partition_rows:int=1_000_000, # generated claims per part
+                     ) -> int:
+    "The ingest stage on the cluster: generate or read the claims a part at a time into `target`; return the rows."
+    import dask
+    import dask.dataframe as dd
+    from mlops_notebooks.ingest import append_incoming, generate_claims, ingest_claims
+    if data.source.lower().endswith((".parquet", ".pq")) and not data.join.source:
+        path = root / data.source
+        if not path.exists():
+            raise DataError(f"{data.source}: file not found (data.source)")
+        parts = [dask.delayed(lambda frame: (frame,))(part)
+                 for part in dd.read_parquet(str(path), split_row_groups=True).to_delayed()]
+    elif not data.source:
+        generate = dask.delayed(lambda *args: (generate_claims(*args),))
+        parts = [generate(min(partition_rows, params.n_claims - first), params.start_month, params.n_months,
+                          part_seed(params.seed, number), params.drift, first + 1)
+                 for number, first in enumerate(range(0, params.n_claims, partition_rows))]
+    else:  # a CSV, or a join: in process, as the embedded default does it
+        parts = [dask.delayed(lambda frame: (frame,))(ingest_claims(data, params.model_copy(update={"incoming": ""}), root))]
+    first = client.compute(parts[0]).result()[0] if params.incoming else None
+    incoming = append_incoming(first.iloc[:0], root / params.incoming, data) if params.incoming else None
+    if incoming is not None and len(incoming):
+        parts.append(dask.delayed(lambda frame: (frame,))(incoming))
+    return stream_parts(client, parts, [target])[0]
+
+# %% ../nbs/15_cluster.ipynb #c016
+def check_partition(part:pd.DataFrame, data:DataParams, params, duplicated:set, source:str):
+    "(clean rows, quarantined rows with a reason) of one partition; `params` without whole-table limits."
+    from mlops_notebooks.validate import check_claims
+    is_duplicate = part[data.id].isin(duplicated).to_numpy()
+    clean, quarantine = check_claims(part[~is_duplicate], data, params, source)
+    quarantine = pd.concat([part[is_duplicate].assign(reason=f"{data.id}: duplicate id"), quarantine])
+    quarantine = quarantine.astype({column: str for column in quarantine.columns if quarantine[column].dtype == object})
+    return clean.reset_index(drop=True), quarantine.reset_index(drop=True)
+
+def validate_on_cluster(client, raw_path:Path|str, data:DataParams, params,
+                        clean_path:Path|str, quarantine_path:Path|str, source:str) -> dict:
+    "The validate stage on the cluster: write clean and quarantined claims; return the summary `validate_stage` writes."
+    import dask
+    import dask.dataframe as dd
+    from mlops_notebooks.validate import check_roles
+    if not Path(raw_path).exists():
+        raise DataError(f"{raw_path}: input not found; it is written by the 'ingest' stage (run `dvc repro ingest`)")
+    raw = dd.read_parquet(str(raw_path), split_row_groups=True)
+    check_roles(raw._meta, data, params, source)
+    rows_in = int(raw.map_partitions(len).sum().compute())
+    if rows_in < params.min_rows:
+        raise DataError(f"{source}: {rows_in} rows, fewer than validate.min_rows={params.min_rows}")
+    counts = raw[data.id].value_counts().compute()
+    duplicated = set(counts.index[counts > 1])
+    lenient = params.model_copy(update={"min_rows": 0, "max_quarantine_share": 1.0})
+    check = dask.delayed(check_partition, nout=2)
+    parts = [check(part, data, lenient, duplicated, source) for part in raw.to_delayed()]
+    reasons, nulls, periods = [], [], []
+
+    def collect(frames):
+        clean, quarantine = frames
+        reasons.append(quarantine["reason"].value_counts())
+        nulls.append(clean.isna().sum())
+        if data.period and len(clean):
+            periods.extend([clean[data.period].min(), clean[data.period].max()])
+
+    def judge(rows):
+        clean_rows, quarantined = rows
+        share = quarantined / rows_in
+        if share > params.max_quarantine_share:
+            found = pd.concat(reasons).groupby(level=0).sum().sort_values(ascending=False)
+            raise DataError(f"{source}: {quarantined:,} of {rows_in:,} rows ({share:.2%}) break the schema, more than "
+                            f"validate.max_quarantine_share={params.max_quarantine_share}:\n  "
+                            + "\n  ".join(f"{reason}: {count:,} row(s)" for reason, count in found.head(20).items()))
+        if clean_rows < params.min_rows:
+            raise DataError(f"{source}: {clean_rows} good rows, fewer than validate.min_rows={params.min_rows}")
+    clean_rows, quarantined = stream_parts(client, parts, [clean_path, quarantine_path], on_part=collect,
+                                           before_commit=judge)
+    null_counts = pd.concat(nulls, axis=1).sum(axis=1)
+    found = pd.concat(reasons).groupby(level=0).sum()
+    summary = {"rows_in": rows_in, "rows": clean_rows, "quarantined": quarantined,
+               "quarantined_share": quarantined / rows_in,
+               "quarantine_reasons": {reason: int(count) for reason, count in found[found > 0].items()},
+               "columns": [column for column in raw.columns if column not in data.dropped],
+               "null_share": {column: float(count / clean_rows) for column, count in null_counts.items() if count > 0}}
+    if periods:
+        summary["periods"] = [f"{min(periods):%Y-%m}", f"{max(periods):%Y-%m}"]
+    return summary
+
+# %% ../nbs/15_cluster.ipynb #c020
 def split_plan(periods:pd.Series, data:DataParams, params:FeaturesParams) -> dict:
     "The first test period and the first training period for a time split, from the distinct periods."
     if params.split == "random":
@@ -72,43 +210,31 @@ def features_on_cluster(client,               # a distributed.Client
                         claims_path:Path|str, # the validated claims (Parquet)
                         data:DataParams, params:FeaturesParams,
                         train_path:Path|str, test_path:Path|str,
-                        in_flight:int=4,      # partitions computed ahead of the one being written
                        ) -> dict:
     "The features stage on the cluster: split and write train/test; return their row counts (and per period)."
     import dask
     import dask.dataframe as dd
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from collections import deque
     if not Path(claims_path).exists():
         raise DataError(f"{claims_path}: input not found; it is written by the 'validate' stage (run `dvc repro validate`)")
     claims = dd.read_parquet(str(claims_path), split_row_groups=True)
     plan = (split_plan(dd.read_parquet(str(claims_path), columns=[data.period])[data.period].unique().compute(),
                        data, params) if params.split == "time" else split_plan(pd.Series(dtype=object), data, params))
-    schema = pa.Schema.from_pandas(select_features(claims._meta, data), preserve_index=False)
     split = dask.delayed(split_partition, nout=2)
     parts = [split(partition, number, data, params, plan) for number, partition in enumerate(claims.to_delayed())]
-    counts = {"train": 0, "test": 0}
     per_period = {"train": [], "test": []}
-    with atomic_path(train_path) as train_file, atomic_path(test_path) as test_file, \
-         pq.ParquetWriter(train_file, schema) as train_writer, pq.ParquetWriter(test_file, schema) as test_writer:
-        writers = {"train": train_writer, "test": test_writer}
-        pending = deque()
-        for number, part in enumerate(parts):
-            pending.append(client.compute(part))
-            while len(pending) > in_flight or (pending and number == len(parts) - 1):
-                for name, frame in zip(["train", "test"], pending.popleft().result()):
-                    if len(frame):
-                        writers[name].write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False))
-                    counts[name] += len(frame)
-                    if data.period:
-                        per_period[name].append(frame[data.period].value_counts())
+
+    def count_periods(frames):
+        if data.period:
+            for name, frame in zip(["train", "test"], frames):
+                per_period[name].append(frame[data.period].value_counts())
+    train_rows, test_rows = stream_parts(client, parts, [train_path, test_path], on_part=count_periods)
+    counts = {"train": train_rows, "test": test_rows}
     if data.period:
         counts["per_period"] = pd.DataFrame({name: pd.concat(found).groupby(level=0).sum() if found else pd.Series(dtype=int)
                                              for name, found in per_period.items()}).fillna(0).astype(int).sort_index()
     return counts
 
-# %% ../nbs/15_cluster.ipynb #c014
+# %% ../nbs/15_cluster.ipynb #c024
 def fit_encoder(train, data:DataParams, params):
     "The pipeline's encoder, fitted on the distinct categories of the dask frame `train`."
     from mlops_notebooks.train import build_model

@@ -101,24 +101,31 @@ def test_pipeline_on_the_team_stack(stack, team_project, monkeypatch):
     objects = s3_client(info.s3_endpoint_url, credentials).list_objects_v2(Bucket="mlops", Prefix="mlflow/")
     assert any(item["Key"].endswith("MLmodel") for item in objects.get("Contents", []))
     assert not (team_project / "mlartifacts").exists() and not (team_project / "mlflow.db").exists()
-    # Features and training ran on the Dask cluster; the registered model is the usual Pipeline, XGBoost inside.
+    # Ingest, validate, features and training ran on the Dask cluster; the model is the usual Pipeline, XGBoost inside.
+    assert "on the Dask cluster at tcp://127.0.0.1" in (team_project / "reports/02_ingest.ipynb").read_text()
     assert "Dask at tcp://127.0.0.1" in (team_project / "reports/04_features.ipynb").read_text()
     from distributed import Client
     with Client(info.dask_scheduler, timeout=30) as dask_client:
         prefixes = dask_client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
-    assert any("select_features" in prefix for prefix in prefixes), prefixes
+    for work in ["check_partition", "split_partition"]:  # validate's and features' work per partition
+        assert any(work in prefix for prefix in prefixes), (work, prefixes)
     worker_logs = "".join((Path(info.state_dir) / f"dask-worker-{n}.log").read_text() for n in (1, 2))
     assert "[xgboost.dask-dask-worker-" in worker_logs and "got rank 0" in worker_logs, "XGBoost trained on a worker"
     import mlflow
     monkeypatch.setenv("MLFLOW_TRACKING_URI", info.tracking_uri)
     pipeline = mlflow.sklearn.load_model(f"models:/{MODEL}@champion")
     assert type(pipeline.named_steps["model"]).__name__ == "XGBRegressor"
-    # The split on the cluster is the in-process split: the same rows as the embedded default writes.
+    # The cluster's outputs are the embedded default's: the same claims, the same checks, the same split.
     from mlops_notebooks.features import FeaturesParams, split_claims, select_features
-    from mlops_notebooks.ingest import DataParams
+    from mlops_notebooks.ingest import DataParams, IngestParams, ingest_claims
+    from mlops_notebooks.validate import ValidateParams, check_claims
     import yaml
     params = yaml.safe_load((team_project / "params.yaml").read_text())
     declared = DataParams(**params["data"])
+    raw = ingest_claims(declared, IngestParams(**params["ingest"]), team_project)
+    assert pd.read_parquet(team_project / "data/raw/claims.parquet").equals(raw)
+    clean, _ = check_claims(raw, declared, ValidateParams(**params["validate"]))
+    assert pd.read_parquet(team_project / "data/interim/claims.parquet").equals(clean.reset_index(drop=True))
     expected_train, expected_test = split_claims(
         select_features(pd.read_parquet(team_project / "data/interim/claims.parquet"), declared), declared,
         FeaturesParams(**params["features"]))
