@@ -3,6 +3,7 @@ artifacts, SeaweedFS, a Dask scheduler with two workers) is started by `mlops_no
 stopped by pid; the unchanged pipeline runs against it with team settings from the environment."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -64,6 +65,20 @@ def team_project(stack, tmp_path_factory):
     return project
 
 
+@contextlib.contextmanager
+def tracking(uri: str):
+    "MLflow's process-wide tracking and registry URIs set to `uri` (an earlier test may have set others), then restored."
+    import mlflow
+    previous = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+
+
 def mlflow_client(info, credentials, monkeypatch):
     from mlflow import MlflowClient
     for key, value in credentials.items():
@@ -112,8 +127,8 @@ def test_pipeline_on_the_team_stack(stack, team_project, monkeypatch):
     worker_logs = "".join((Path(info.state_dir) / f"dask-worker-{n}.log").read_text() for n in (1, 2))
     assert "[xgboost.dask-dask-worker-" in worker_logs and "got rank 0" in worker_logs, "XGBoost trained on a worker"
     import mlflow
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", info.tracking_uri)
-    pipeline = mlflow.sklearn.load_model(f"models:/{MODEL}@champion")
+    with tracking(info.tracking_uri):
+        pipeline = mlflow.sklearn.load_model(f"models:/{MODEL}@champion")
     assert type(pipeline.named_steps["model"]).__name__ == "XGBRegressor"
     # The cluster's outputs are the embedded default's: the same claims, the same checks, the same split.
     from mlops_notebooks.features import FeaturesParams, split_claims, select_features
@@ -139,7 +154,9 @@ def test_served_champion_predicts_as_loaded(stack, team_project, monkeypatch):
     for key, value in team_env(info, credentials).items():
         monkeypatch.setenv(key, value)
     test = pd.read_parquet(team_project / "data/processed/test.parquet").head(20)
-    loaded = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    with tracking(info.tracking_uri):
+        loaded = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+        champion_version = int(mlflow.MlflowClient().get_model_version_by_alias(MODEL, "champion").version)
     features = loaded.metadata.get_input_schema().input_names()
     expected = np.asarray(loaded.predict(test[features]), dtype=float)
 
@@ -163,7 +180,7 @@ def test_served_champion_predicts_as_loaded(stack, team_project, monkeypatch):
         records = json.loads(test[features].to_json(orient="records"))
         answer = requests.post(url + "/predict", json=records, timeout=30)
         assert answer.status_code == 200, answer.text
-        assert answer.json()["model_version"] == int(mlflow.MlflowClient().get_model_version_by_alias(MODEL, "champion").version)
+        assert answer.json()["model_version"] == champion_version
         np.testing.assert_allclose(answer.json()["predictions"], expected, rtol=1e-6)
     finally:
         service.terminate()
