@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     score_parser.set_defaults(handler=score)
     from mlops_notebooks.contracts import add_contract_commands  # stages generate|check, add-stage
     add_contract_commands(commands)
+    from mlops_notebooks.team import add_team_commands
+    add_team_commands(commands)  # `stack up|down|status` and `remote`: the shared team setup
     return parser
 
 def main(argv:list[str]|None=None) -> int:
@@ -184,6 +186,6 @@ def main(argv:list[str]|None=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-# %% ../nbs/08_cli.ipynb #c011
+# %% ../nbs/08_cli.ipynb #c012
 if __name__ == "__main__":
     sys.exit(main())

@@ -68,6 +68,9 @@ class Settings:
     model_poll_seconds: float = 5.0          # how often the service asks the registry where `champion` points
     prediction_log: str = "predictions.db"   # the service's append-only prediction log (SQLite), under the root
     max_records_per_request: int = 10_000    # larger prediction requests are refused (413)
+    dvc_remote: str = "dvc-storage"          # DVC remote: a folder (under the root) or s3://bucket/prefix
+    s3_endpoint_url: str = ""                # S3-compatible endpoint of an s3:// remote; '' = AWS itself
+    dask_scheduler: str = ""                 # Dask scheduler (tcp://host:port); '' = pandas in process
 
 ENV_PREFIX = "MLOPS_"
 
@@ -109,6 +112,8 @@ def load_settings(root:Path|str|None=None, # project root; found from the curren
             raise UserError(f"{path}: [mlops] {name} must be positive, got {values[name]!r}")
     values["tracking_uri"] = _anchor_sqlite(values["tracking_uri"], root)
     values["prediction_log"] = str((root / values["prediction_log"]).resolve())  # an absolute path stays as it is
+    if "://" not in values["dvc_remote"]:  # a local folder remote, anchored like the prediction log
+        values["dvc_remote"] = str((root / values["dvc_remote"]).resolve())
     return Settings(**values)
 
 # %% ../nbs/00_settings.ipynb #c016
