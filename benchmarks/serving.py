@@ -1,7 +1,10 @@
 """Serving: the project's service (`mlops-notebooks serve`) side by side with `mlflow models serve --env-manager local`
 on the same registered champion, on loopback, in bounded request loops.
 
-1. start-to-ready: from starting the process to the first 200 from its health endpoint;
+1. start-to-ready: from starting the process to the first 200 from its health endpoint. The project's first start
+   in a run is cold (its `.serving/` folder removed: the champion comes from the registry and its trees are compiled
+   in the background after ready; the wait for the compiled trees is recorded); later starts are restarts from the
+   champion snapshot. Latency is measured once the final predictor serves;
 2. single-row latency over one keep-alive connection (p50, p99 of `--single-requests` requests, after a warm-up);
 3. batch throughput: rows/s over `--batch-requests` requests of 1,000 rows each, one keep-alive connection;
 4. for the project's service only, in the first round: twice a load of `--load-requests` single-row requests from
@@ -43,6 +46,7 @@ GOALS = {
     "single_row_p50_ms": {"max": 4.0},
     "batch_rows_per_s": {"min": 60000},
     "ready_s": {"max": 3.0},
+    "ready_cold_s": {"max": 3.0},
     "load_5xx": {"max": 0},
     "load_rss_growth_mb": {"max": 20},
 }
@@ -199,19 +203,37 @@ def load_test(server: Server, body: bytes, requests_total: int, connections: int
             "rss_before_mb": round(rss_before, 1), "rss_after_mb": round(rss_after, 1)}
 
 
-def measure(kind: str, project: Path, single: bytes, batch: bytes, args, with_load: bool) -> dict:
+def wait_for_predictor(server: Server, timeout: float = 180.0) -> tuple[str, float]:
+    "The project's predictor once it is final (the compiled trees, built in the background) and the wait for it."
+    started = time.perf_counter()
+    while True:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+        connection.request("GET", "/model")
+        predictor = json.loads(connection.getresponse().read())["predictor"]
+        if predictor != "treelite" or time.perf_counter() - started > timeout:
+            return predictor, time.perf_counter() - started
+        time.sleep(0.1)
+
+
+def measure(kind: str, project: Path, single: bytes, batch: bytes, args, first: bool) -> dict:
+    if kind == "project" and first:
+        shutil.rmtree(project / ".serving", ignore_errors=True)  # a first start: no champion snapshot, nothing compiled
     server = Server(kind, project)
     try:
+        result = {"ready_s": server.ready_s}
+        if kind == "project":
+            result["start"] = "cold" if first else "warm"
+            result["predictor"], result["predictor_final_after_s"] = wait_for_predictor(server)
         one = timed_requests(server, single, args.single_requests, warmup=200)
         many = timed_requests(server, batch, args.batch_requests, warmup=5)
-        result = {"ready_s": server.ready_s, "single_row_p50_ms": 1000 * percentile(one, 0.5),
-                  "single_row_p99_ms": 1000 * percentile(one, 0.99),
-                  "batch_rows_per_s": 1000 * len(many) / sum(many), "rss_mb": server.rss_mb()}
-        if kind == "project" and with_load and args.load_requests:
+        result.update({"single_row_p50_ms": 1000 * percentile(one, 0.5),
+                       "single_row_p99_ms": 1000 * percentile(one, 0.99),
+                       "batch_rows_per_s": 1000 * len(many) / sum(many), "rss_mb": server.rss_mb()})
+        if kind == "project" and first and args.load_requests:
             # the load first, then the same memory reading again after a second load: growth, not warm-up
-            first = load_test(server, single, args.load_requests)
-            second = load_test(server, single, args.load_requests)
-            result["load"] = [first, second]
+            first_load = load_test(server, single, args.load_requests)
+            second_load = load_test(server, single, args.load_requests)
+            result["load"] = [first_load, second_load]
         return result
     finally:
         server.stop()
@@ -240,7 +262,7 @@ def main():
         for repeat in range(args.repeats):
             for kind in ("project", "mlflow"):
                 rounds[kind].append(measure(kind, project, request_body(kind, records[:1]),
-                                            request_body(kind, records), args, with_load=repeat == 0))
+                                            request_body(kind, records), args, first=repeat == 0))
                 loads.append(os.getloadavg()[0])
                 print(kind, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in rounds[kind][-1].items()
                              if k != "load"}, flush=True)
@@ -252,6 +274,14 @@ def main():
     for key in ("single_row_p50_ms", "single_row_p99_ms", "batch_rows_per_s", "ready_s"):
         figures[key] = median("project", key)
         figures[f"mlflow_serve_{key}"] = median("mlflow", key)
+    # The first start of each run is cold (no snapshot: the champion comes from the registry, the trees are compiled
+    # after ready); the later ones restart from the snapshot and the compiled library.
+    warm = [run for run in rounds["project"] if run["start"] == "warm"]
+    if warm:
+        figures["ready_s"] = round(statistics.median(run["ready_s"] for run in warm), 3)
+    figures["ready_cold_s"] = round(rounds["project"][0]["ready_s"], 3)
+    figures["compiled_after_cold_start_s"] = round(rounds["project"][0]["predictor_final_after_s"], 1)
+    figures["predictor"] = rounds["project"][-1]["predictor"]
     figures["single_row_p50_ratio"] = round(figures["mlflow_serve_single_row_p50_ms"] / figures["single_row_p50_ms"], 2)
     figures["batch_throughput_ratio"] = round(figures["batch_rows_per_s"] / figures["mlflow_serve_batch_rows_per_s"], 2)
     figures["ready_ratio"] = round(figures["mlflow_serve_ready_s"] / figures["ready_s"], 2)

@@ -30,11 +30,13 @@ from .settings import DataError, Settings, UserError
 log = logging.getLogger("mlops_notebooks.serve")
 
 # %% auto #0
-__all__ = ['log', 'MAX_EXACT_INTEGER', 'LINEAGE_SUMMARY', 'LOG_QUEUE_LIMIT', 'LOG_SCHEMA', 'MAX_BYTES_PER_RECORD', 'InputColumn',
-           'signature_columns', 'encoder_categories', 'record_validator', 'describe_errors', 'FastEncoding',
-           'booster_threads', 'Champion', 'probe_records', 'make_champion', 'lineage_summary', 'champion_version',
-           'load_champion', 'ChampionWatcher', 'open_log', 'PredictionLog', 'read_prediction_log', 'parse_records',
-           'create_app', 'build_service', 'serve', 'score_frame', 'score_file']
+__all__ = ['log', 'MAX_EXACT_INTEGER', 'PARALLEL_ROWS', 'LINEAGE_SUMMARY', 'SNAPSHOT_FORMAT', 'LOG_QUEUE_LIMIT', 'LOG_SCHEMA',
+           'MAX_BYTES_PER_RECORD', 'InputColumn', 'signature_columns', 'encoder_categories', 'record_validator',
+           'describe_errors', 'FastEncoding', 'booster_threads', 'TreeliteTrees', 'CompiledTrees', 'c_compiler',
+           'compiled_library', 'compile_trees', 'treelite_trees', 'Champion', 'probe_records', 'make_champion',
+           'champion_from_columns', 'lineage_summary', 'champion_version', 'load_champion', 'write_snapshot',
+           'read_snapshot', 'ChampionWatcher', 'open_log', 'PredictionLog', 'read_prediction_log', 'parse_records',
+           'create_app', 'registry_client', 'build_service', 'serve', 'score_frame', 'score_file']
 
 # %% ../nbs/09_serve.ipynb #c005
 MAX_EXACT_INTEGER = 2**53
@@ -118,7 +120,7 @@ class FastEncoding:
     "The train stage's encoding (ordinal categories first, numbers passed through) as plain numpy, or unusable."
     def __init__(self, model, columns:list[InputColumn]):
         from sklearn.preprocessing import OrdinalEncoder
-        self.usable = False
+        self.usable, self.trees, self.probe = False, None, None  # trees, probe: set by `make_champion`
         steps = getattr(model, "named_steps", {})
         encode, self.booster = steps.get("encode"), steps.get("model")
         if encode is None or self.booster is None or len(steps) != 2:
@@ -152,6 +154,95 @@ def booster_threads():
         _threadpools = ThreadpoolController()  # scanning the loaded libraries once, not per request
     return _threadpools.limit(limits=1, user_api="openmp")
 
+PARALLEL_ROWS = 256  # from this many rows on, Treelite predicts on every core (below, one thread is faster)
+
+class TreeliteTrees:
+    "A scikit-learn booster's trees in Treelite's inference library (GTIL): the booster's sums, in compiled code."
+    def __init__(self, booster):
+        import treelite
+        self.model = treelite.sklearn.import_model(booster)
+        self.compiled: CompiledTrees | None = None  # the same trees as a shared library, once built and checked
+
+    def predict(self, matrix:np.ndarray) -> np.ndarray:
+        "Predictions (the loss's inverse link applied) for the booster's input matrix."
+        compiled = self.compiled  # read once: a request sees one predictor
+        if compiled is not None:
+            return compiled.predict(matrix)
+        import treelite.gtil
+        threads = 1 if len(matrix) < PARALLEL_ROWS else -1  # -1: every core
+        return treelite.gtil.predict(self.model, matrix, nthread=threads).reshape(-1)
+
+class CompiledTrees:
+    "The trees compiled to C by TL2cgen and loaded as a shared library."
+    def __init__(self, library:Path):
+        import os, tl2cgen
+        self.library = library
+        self.one = tl2cgen.Predictor(library, nthread=1)
+        self.every_core = tl2cgen.Predictor(library, nthread=os.cpu_count() or 1)
+
+    def predict(self, matrix:np.ndarray) -> np.ndarray:
+        import tl2cgen
+        predictor = self.one if len(matrix) < PARALLEL_ROWS else self.every_core
+        return predictor.predict(tl2cgen.DMatrix(matrix)).reshape(-1)
+
+def c_compiler() -> str|None:
+    "The TL2cgen toolchain this machine has (gcc or clang), or None."
+    import shutil
+    return next((name for name in ("gcc", "clang") if shutil.which(name)), None)
+
+def compiled_library(trees:TreeliteTrees, folder:Path|str) -> Path:
+    "The trees compiled to a shared library in `folder`, once per model (the file is named by the trees' hash)."
+    import hashlib, os, platform, tempfile, tl2cgen
+    folder = Path(folder)
+    digest = hashlib.sha256(trees.model.serialize_bytes()).hexdigest()[:20]
+    library = folder / f"trees-{digest}-tl2cgen{tl2cgen.__version__}-{platform.machine()}.so"
+    if library.is_file():
+        return library
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".compiling-") as scratch:
+        built = Path(scratch) / "trees.so"
+        # One compiler process at a time, so the service keeps answering on the other core; 8 source files rather
+        # than one: the compiler optimises small functions faster (200 claims trees: 6 s, against 15 s as one file).
+        tl2cgen.export_lib(trees.model, toolchain=c_compiler(), libpath=built, nthread=1, params={"parallel_comp": 8})
+        os.replace(built, library)  # whole or not at all: a crash mid-compile leaves no library behind
+    return library
+
+def compile_trees(champion:Champion, folder:Path|str) -> bool:
+    "Compile the champion's trees into `folder` and switch to them if they predict the probes; False if not."
+    trees = champion.fast.trees if champion.fast is not None else None
+    if trees is None or trees.compiled is not None:
+        return trees is not None
+    if c_compiler() is None:
+        log.warning("%s version %s: no C compiler (gcc or clang), so Treelite's interpreter keeps serving",
+                    champion.name, champion.version)
+        return False
+    try:
+        compiled = CompiledTrees(compiled_library(trees, folder))
+    except Exception as error:  # a broken toolchain costs speed, not the service
+        log.warning("%s version %s: compiling the trees failed, Treelite's interpreter keeps serving: %s",
+                    champion.name, champion.version, error)
+        return False
+    matrix, expected = champion.fast.probe
+    if not np.allclose(compiled.predict(matrix), expected, rtol=1e-10, atol=0.0):
+        log.warning("%s version %s: the compiled trees disagree with the pipeline; not used", champion.name, champion.version)
+        return False
+    trees.compiled = compiled  # one reference rebound: requests switch between two checked predictors
+    return True
+
+def treelite_trees(booster, matrix:np.ndarray, expected:np.ndarray) -> TreeliteTrees|None:
+    "Treelite's copy of a scikit-learn booster if it predicts `expected` on `matrix` to 10 digits; else None."
+    from sklearn.ensemble import HistGradientBoostingRegressor
+    if not isinstance(booster, HistGradientBoostingRegressor):
+        return None  # XGBoost already predicts in compiled code
+    import treelite
+    try:
+        trees = TreeliteTrees(booster)
+    except treelite.TreeliteError as error:  # a booster this Treelite cannot read: the booster serves itself
+        log.warning("serving with scikit-learn's own predictor: Treelite cannot import the booster: %s", error)
+        return None
+    # The same leaf values summed in another order differ in the last bits; anything more is a real difference.
+    return trees if np.allclose(trees.predict(matrix), expected, rtol=1e-10, atol=0.0) else None
+
 @dataclass(frozen=True)
 class Champion:
     "A loaded registered model version: the pipeline, its input contract, and where it came from."
@@ -182,10 +273,21 @@ class Champion:
 
     def predict(self, records:list[dict]) -> list[float]:
         "Predictions for validated records."
+        if self.fast is not None and self.fast.trees is not None:
+            return self.fast.trees.predict(self.fast.matrix(records)).tolist()
         with booster_threads():
             if self.fast is not None:
                 return self.fast.booster.predict(self.fast.matrix(records)).tolist()
             return self.model.predict(self.frame(records)).tolist()
+
+    @property
+    def predictor(self) -> str:
+        "What computes the predictions: Treelite's copy of the trees, the booster itself, or the whole pipeline."
+        if self.fast is None:
+            return "pipeline"
+        if self.fast.trees is None:
+            return "booster"
+        return "compiled" if self.fast.trees.compiled is not None else "treelite"
 
 def probe_records(columns:list[InputColumn], rows:int=64, seed:int=0) -> list[dict]:
     "Records exercising every category, an unknown category, missing values and a spread of numbers."
@@ -208,7 +310,12 @@ def probe_records(columns:list[InputColumn], rows:int=64, seed:int=0) -> list[di
 
 def make_champion(name:str, version:int, run_id:str, model, signature, lineage:dict|None=None) -> Champion:
     "A `Champion` from a fitted pipeline and its signature; the contract's categories come from the model."
-    columns = signature_columns(signature, encoder_categories(model))
+    return champion_from_columns(name, version, run_id, model, signature_columns(signature, encoder_categories(model)),
+                                 lineage)
+
+def champion_from_columns(name:str, version:int, run_id:str, model, columns:list[InputColumn],
+                          lineage:dict|None=None) -> Champion:
+    "A `Champion` from a fitted pipeline and its input contract, with the checked fast path when it has one."
     champion = Champion(name=name, version=int(version), run_id=run_id, model=model, columns=columns,
                         validator=record_validator(columns), lineage=lineage or {},
                         loaded_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds"))
@@ -216,7 +323,10 @@ def make_champion(name:str, version:int, run_id:str, model, signature, lineage:d
     if fast.usable:
         probe = probe_records(columns)
         exact = model.predict(champion.frame(probe))
-        if np.array_equal(fast.booster.predict(fast.matrix(probe)), exact, equal_nan=True):
+        matrix = fast.matrix(probe)
+        if np.array_equal(fast.booster.predict(matrix), exact, equal_nan=True):
+            fast.trees = treelite_trees(fast.booster, matrix, exact)
+            fast.probe = (matrix, exact)  # what any later predictor (the compiled trees) must reproduce
             object.__setattr__(champion, "fast", fast)  # set once, before anyone sees the champion
     return champion
 
@@ -252,16 +362,58 @@ def load_champion(client, name:str, version) -> Champion:
         raise DataError(f"{name} version {version.version}: the model has no signature, so requests cannot be checked")
     return make_champion(name, version.version, version.run_id, model, signature, lineage_summary(version.tags))
 
+SNAPSHOT_FORMAT = 1
+
+def write_snapshot(champion:Champion, path:Path|str, registry:str):
+    "Keep the champion just loaded from `registry` (a tracking URI) on local disk, for the next start."
+    import pickle, sklearn
+    from mlops_notebooks.artifacts import atomic_path
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = {"format": SNAPSHOT_FORMAT, "registry": registry, "sklearn": sklearn.__version__, "name": champion.name,
+            "version": champion.version, "run_id": champion.run_id, "model": champion.model,
+            "columns": champion.columns, "lineage": champion.lineage}
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(pickle.dumps(kept, protocol=pickle.HIGHEST_PROTOCOL))
+
+def read_snapshot(path:Path|str, registry:str, name:str) -> Champion|None:
+    "The champion this service last loaded from `registry`, or None (no snapshot, or one it cannot trust)."
+    import pickle, sklearn
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        kept = pickle.loads(path.read_bytes())
+    except Exception as error:  # a truncated or foreign file is not a reason to refuse to start: load from the registry
+        log.warning("ignoring the champion snapshot %s: %s", path, error)
+        return None
+    if not isinstance(kept, dict) or (kept.get("format"), kept.get("registry"), kept.get("name"), kept.get("sklearn")) != (
+            SNAPSHOT_FORMAT, registry, name, sklearn.__version__):
+        return None  # another registry, model or scikit-learn version: its pickle is not this service's to trust
+    return champion_from_columns(kept["name"], kept["version"], kept["run_id"], kept["model"], kept["columns"],
+                                 kept["lineage"])
+
 class ChampionWatcher:
     "Holds the serving `Champion` and swaps it for the new one when the registry's alias moves."
     def __init__(self, client, name:str, poll_seconds:float, alias:str="champion",
-                 loader=None, # loads a version as a Champion: `load_champion` by default
+                 loader=None,   # loads a version as a Champion: `load_champion` by default
+                 snapshot=None, # (path, registry URI): keep each loaded champion there for a fast restart
                 ):
-        self.client, self.name, self.alias, self.poll_seconds = client, name, alias, poll_seconds
+        self._client, self.name, self.alias, self.poll_seconds = client, name, alias, poll_seconds
         self.loader = loader or load_champion
+        self.snapshot = snapshot
         self.current: Champion | None = None
+        self.confirmed = False  # True once the registry has been asked where the alias points
+        self.compiling: threading.Thread | None = None  # compiling the latest champion's trees
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="champion-watcher", daemon=True)
+
+    @property
+    def client(self):
+        "The registry client; a callable given instead of a client is called once, when first needed."
+        if callable(self._client):  # e.g. `lambda: registry_client(settings)`: mlflow is imported in the watcher
+            self._client = self._client()
+        return self._client
 
     def load_initial(self) -> Champion:
         "Load the version the alias points at now; a `UserError` when there is none."
@@ -269,21 +421,53 @@ class ChampionWatcher:
         if version is None:
             raise UserError(f"no '{self.alias}' version of model '{self.name}' in the registry: run `make pipeline` first")
         self.current = self.loader(self.client, self.name, version)
+        self.confirmed = True
+        self._keep(self.current)
         return self.current
+
+    def warm_start(self) -> bool:
+        "Serve the snapshot of the last champion at once; the watcher confirms it with the registry first thing."
+        if self.snapshot is None:
+            return False
+        kept = read_snapshot(self.snapshot[0], self.snapshot[1], self.name)
+        if kept is not None:
+            self.current = kept
+            self._compile_later(kept)  # compiled before: only loading the library
+        return kept is not None
 
     def check_once(self) -> bool:
         "Swap in the alias's version if it changed; True when a swap happened."
         version = champion_version(self.client, self.name, self.alias)
+        self.confirmed = True
         if version is None or int(version.version) == self.current.version:
             return False
         candidate = self.loader(self.client, self.name, version)
         candidate.predict(_example_records(candidate))   # warm up (and fail here, not in a request)
         previous, self.current = self.current, candidate  # the swap: one reference, rebound atomically
         log.warning("champion %s: version %s -> %s", self.name, previous.version, candidate.version)
+        self._keep(candidate)
         return True
 
+    def _keep(self, champion:Champion):
+        "Snapshot the champion, and compile its trees in the background (both beside the snapshot)."
+        if self.snapshot is None:
+            return
+        try:
+            write_snapshot(champion, *self.snapshot)
+        except OSError as error:  # a full or read-only disk costs the fast restart, not the service
+            log.warning("cannot keep a champion snapshot at %s: %s", self.snapshot[0], error)
+        self._compile_later(champion)
+
+    def _compile_later(self, champion:Champion):
+        folder = Path(self.snapshot[0]).parent / "compiled"
+        self.compiling = threading.Thread(target=compile_trees, args=(champion, folder), name="compile-trees",
+                                          daemon=True)
+        self.compiling.start()
+
     def _watch(self):
-        while not self._stop.wait(self.poll_seconds):
+        wait = 0 if not self.confirmed else self.poll_seconds  # a warm start asks the registry at once
+        while not self._stop.wait(wait):
+            wait = self.poll_seconds
             try:
                 self.check_once()
             except Exception as error:  # a registry hiccup or a broken version must not stop serving
@@ -466,22 +650,31 @@ def create_app(watcher:ChampionWatcher,          # holds the serving champion (l
     async def model():
         champion = watcher.current
         return {"name": champion.name, "version": champion.version, "run_id": champion.run_id,
-                "loaded_at": champion.loaded_at, "lineage": champion.lineage,
+                "loaded_at": champion.loaded_at, "predictor": champion.predictor,
+                "registry_confirmed": watcher.confirmed, "lineage": champion.lineage,
                 "inputs": [{"name": c.name, "type": c.kind, "nullable": c.nullable, "categories": list(c.categories)}
                            for c in champion.columns]}
 
     return app
 
 # %% ../nbs/09_serve.ipynb #c026
-def build_service(settings:Settings):
-    "The app for a project: the champion of `settings.registered_model_name`, the log at `settings.prediction_log`."
+def registry_client(settings:Settings):
+    "An MLflow client on the project's tracking URI, checked reachable."
     import mlflow
     from mlflow import MlflowClient
     from mlops_notebooks.settings import check_tracking_reachable
     check_tracking_reachable(settings.tracking_uri)
     mlflow.set_tracking_uri(settings.tracking_uri)
-    watcher = ChampionWatcher(MlflowClient(), settings.registered_model_name, settings.model_poll_seconds)
-    watcher.load_initial()  # fail before binding the port when there is no champion
+    return MlflowClient()
+
+def build_service(settings:Settings,
+                  warm:bool=True, # start from the snapshot of the last champion, if there is one
+                 ):
+    "The app for a project: the champion of `settings.registered_model_name`, the log at `settings.prediction_log`."
+    watcher = ChampionWatcher(lambda: registry_client(settings), settings.registered_model_name,
+                              settings.model_poll_seconds, snapshot=(settings.champion_snapshot, settings.tracking_uri))
+    if not (warm and watcher.warm_start()):
+        watcher.load_initial()  # fail before binding the port when there is no champion
     return create_app(watcher, settings.prediction_log, settings.max_records_per_request), watcher
 
 def serve(settings:Settings, host:str|None=None, port:int|None=None):
@@ -489,7 +682,9 @@ def serve(settings:Settings, host:str|None=None, port:int|None=None):
     import uvicorn
     app, watcher = build_service(settings)
     host, port = host or settings.service_host, port or settings.service_port
-    print(f"serving {watcher.current.name} version {watcher.current.version} on http://{host}:{port}", flush=True)
+    source = "the registry" if watcher.confirmed else "the last snapshot; asking the registry now"
+    print(f"serving {watcher.current.name} version {watcher.current.version} ({source}) on http://{host}:{port}",
+          flush=True)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the previous handler: make that
     # a normal exit, so a stopped service ends with status 0 rather than "killed by SIGTERM" or a traceback.
     for stop_signal in (signal.SIGTERM, signal.SIGINT):

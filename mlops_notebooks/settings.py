@@ -67,6 +67,7 @@ class Settings:
     service_port: int           # port the prediction service listens on
     model_poll_seconds: float = 5.0          # how often the service asks the registry where `champion` points
     prediction_log: str = "predictions.db"   # the service's append-only prediction log (SQLite), under the root
+    champion_snapshot: str = ".serving/champion.pkl"  # the service's copy of its last champion, for a fast restart
     max_records_per_request: int = 10_000    # larger prediction requests are refused (413)
     dvc_remote: str = "dvc-storage"          # DVC remote: a folder (under the root) or s3://bucket/prefix
     s3_endpoint_url: str = ""                # S3-compatible endpoint of an s3:// remote; '' = AWS itself
@@ -112,6 +113,7 @@ def load_settings(root:Path|str|None=None, # project root; found from the curren
             raise UserError(f"{path}: [mlops] {name} must be positive, got {values[name]!r}")
     values["tracking_uri"] = _anchor_sqlite(values["tracking_uri"], root)
     values["prediction_log"] = str((root / values["prediction_log"]).resolve())  # an absolute path stays as it is
+    values["champion_snapshot"] = str((root / values["champion_snapshot"]).resolve())
     if "://" not in values["dvc_remote"]:  # a local folder remote, anchored like the prediction log
         values["dvc_remote"] = str((root / values["dvc_remote"]).resolve())
     return Settings(**values)

@@ -155,8 +155,8 @@ def test_answers_predictions_of_the_champion(service, project):
     assert one.status_code == 200 and many.status_code == 200, (one.text, many.text)
     assert one.json()["model_version"] == many.json()["model_version"] == 1
     assert one.json()["model_name"] == MODEL
-    assert np.allclose(one.json()["predictions"], expected[:1], rtol=1e-12)
-    assert np.allclose(many.json()["predictions"], expected, rtol=1e-12)
+    assert np.allclose(one.json()["predictions"], expected[:1], rtol=1e-10)
+    assert np.allclose(many.json()["predictions"], expected, rtol=1e-10)
     assert str(uuid.UUID(many.json()["request_id"])) == many.json()["request_id"] == many.headers["X-Request-ID"]
     assert one.json()["request_id"] != many.json()["request_id"]
 
@@ -165,11 +165,31 @@ def test_answers_predictions_of_the_champion(service, project):
     model = requests.get(service.url + "/model", timeout=5).json()
     tags = json.loads(run([str(BIN / "mlops-notebooks"), "audit", "1", "--json"], project).stdout)
     assert model["version"] == 1 and model["run_id"] == tags["run_id"]
+    assert model["predictor"] in ("treelite", "compiled"), "the claims model is served by a checked copy of its trees"
     assert model["lineage"]["lineage.git_commit"] == tags["code"]["git_commit"]
     assert model["lineage"]["decision.outcome"] == "promoted"
     assert [column["name"] for column in model["inputs"]] == FEATURES
     region = next(column for column in model["inputs"] if column["name"] == "region")
     assert set(region["categories"]) == {"north", "south", "east", "west", "capital"}
+
+
+def test_the_trees_are_compiled_in_the_background_when_there_is_a_compiler(service, project):
+    from mlops_notebooks.serve import c_compiler
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        predictor = requests.get(service.url + "/model", timeout=5).json()["predictor"]
+        if predictor != "treelite":
+            break
+        time.sleep(0.5)
+    if c_compiler() is None:  # the interpreter keeps serving, and the log says why
+        assert predictor == "treelite" and "no C compiler" in service.output()
+    else:
+        assert predictor == "compiled", service.output()
+        assert len(list((project / ".serving/compiled").glob("trees-*.so"))) == 1
+    records = sample_records(project, MAX_RECORDS)  # (the multi-threaded path: nbs/09_serve.ipynb's own checks)
+    for batch in (records[:1], records):
+        answer = post(service.url, batch).json()
+        assert np.allclose(answer["predictions"], champion_predictions(project, 1, batch), rtol=1e-10)
 
 
 def test_every_prediction_is_in_the_log_and_audit_traces_it(service, project):
@@ -185,7 +205,7 @@ def test_every_prediction_is_in_the_log_and_audit_traces_it(service, project):
         time.sleep(0.1)
     assert rows["row"].tolist() == list(range(7))
     assert set(rows["model_version"]) == {1} and set(rows["model_name"]) == {MODEL}
-    assert np.allclose(rows["prediction"], answer["predictions"], rtol=1e-12)
+    assert np.allclose(rows["prediction"], answer["predictions"], rtol=1e-10)
     sent = pd.DataFrame(records)
     for column in FEATURES:
         assert rows[column].reset_index(drop=True).equals(sent[column]), column
@@ -279,10 +299,10 @@ def test_batch_scoring_writes_predictions_with_the_model_version(service, projec
     assert len(scored) == 300 and set(scored["model_version"]) == {1} and set(scored["model_name"]) == {MODEL}
     assert scored["claim_id"].tolist() == claims["claim_id"].tolist(), "the input columns are kept, in order"
     expected = champion_predictions(project, 1, json.loads(claims[FEATURES].to_json(orient="records")))
-    assert np.allclose(scored["prediction"], expected, rtol=1e-12)
+    assert np.allclose(scored["prediction"], expected, rtol=1e-10)
     # the same answer as the service gives for those claims
     online = post(service.url, json.loads(claims[FEATURES].head(MAX_RECORDS).to_json(orient="records"))).json()
-    assert np.allclose(online["predictions"], scored["prediction"].head(MAX_RECORDS), rtol=1e-12)
+    assert np.allclose(online["predictions"], scored["prediction"].head(MAX_RECORDS), rtol=1e-10)
 
     claims.assign(region=np.where(claims.index % 100 == 7, "atlantis", claims["region"])).to_csv(tmp_path / "bad.csv", index=False)
     bad = run([str(BIN / "mlops-notebooks"), "score", str(tmp_path / "bad.csv"), str(tmp_path / "bad.parquet")],
@@ -340,7 +360,7 @@ def test_hot_swap_under_load_then_restart(service, project, tmp_path):
     assert not np.allclose(old_predictions, new["predictions"]), "the test needs two models that differ"
     for answer in answers:  # each answer made wholly by the version it names
         expected = old_predictions if answer["model_version"] == 1 else new["predictions"]
-        assert np.allclose(answer["predictions"], expected, rtol=1e-12), answer["model_version"]
+        assert np.allclose(answer["predictions"], expected, rtol=1e-10), answer["model_version"]
     assert swapping.stop() == 0
     assert "version 1 -> 2" in swapping.output()
 
@@ -355,11 +375,39 @@ def test_hot_swap_under_load_then_restart(service, project, tmp_path):
     try:
         assert requests.get(restarted.url + "/health", timeout=5).json()["model_version"] == 2
         answer = post(restarted.url, records).json()
-        assert answer["model_version"] == 2 and np.allclose(answer["predictions"], new["predictions"], rtol=1e-12)
+        assert answer["model_version"] == 2 and np.allclose(answer["predictions"], new["predictions"], rtol=1e-10)
     finally:
         assert restarted.stop() == 0
     after = prediction_log(project)
     assert len(after) == len(logged) + len(records) and answer["request_id"] in set(after["request_id"])
+
+
+def test_a_restart_starts_from_the_snapshot_and_follows_an_alias_moved_while_stopped(project):
+    "The service keeps its last champion on disk; a restart serves it at once and asks the registry straight away."
+    from mlflow import MlflowClient
+    store = f"sqlite:///{project}/mlflow.db"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    assert (project / ".serving/champion.pkl").is_file(), "the previous services kept their champion"
+    assert int(client.get_model_version_by_alias(MODEL, "champion").version) == 2
+    client.set_registered_model_alias(MODEL, "champion", "1")  # moved while no service runs
+    try:
+        restarted = Service(project, poll_seconds=30.0)  # the first registry check must not wait for a poll
+        try:
+            assert "version 2 (the last snapshot; asking the registry now)" in restarted.output()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and requests.get(restarted.url + "/health", timeout=5).json()["model_version"] != 1:
+                time.sleep(0.1)
+            model = requests.get(restarted.url + "/model", timeout=5).json()
+            assert model["version"] == 1 and model["registry_confirmed"] is True, model
+            records = sample_records(project, 3)
+            answer = post(restarted.url, records).json()
+            assert answer["model_version"] == 1
+            assert np.allclose(answer["predictions"], champion_predictions(project, 1, records), rtol=1e-10)
+        finally:
+            assert restarted.stop() == 0
+        assert "version 2 -> 1" in restarted.output()
+    finally:
+        client.set_registered_model_alias(MODEL, "champion", "2")
 
 
 def test_kill_9_loses_at_most_the_batch_in_flight(project):
