@@ -4,7 +4,8 @@ on the same registered champion, on loopback, in bounded request loops.
 1. start-to-ready: from starting the process to the first 200 from its health endpoint. The project's first start
    in a run is cold (its `.serving/` folder removed: the champion comes from the registry and its trees are compiled
    in the background after ready; the wait for the compiled trees is recorded); later starts are restarts from the
-   champion snapshot. Latency is measured once the final predictor serves;
+   champion snapshot. Latency is measured in the steady state: once the final predictor serves and the registry has
+   been asked where the alias points (both recorded, in seconds after ready);
 2. single-row latency over one keep-alive connection (p50, p99 of `--single-requests` requests, after a warm-up);
 3. batch throughput: rows/s over `--batch-requests` requests of 1,000 rows each, one keep-alive connection;
 4. for the project's service only, in the first round: twice a load of `--load-requests` single-row requests from
@@ -203,16 +204,27 @@ def load_test(server: Server, body: bytes, requests_total: int, connections: int
             "rss_before_mb": round(rss_before, 1), "rss_after_mb": round(rss_after, 1)}
 
 
-def wait_for_predictor(server: Server, timeout: float = 180.0) -> tuple[str, float]:
-    "The project's predictor once it is final (the compiled trees, built in the background) and the wait for it."
+def wait_until_settled(server: Server, timeout: float = 180.0) -> dict:
+    """Wait until the project's service is in its steady state: the final predictor (the compiled trees, built in the
+    background after a first start) and the registry asked where the alias points (in the background after a
+    restart from the snapshot). Returns the predictor and the seconds after ready each took."""
     started = time.perf_counter()
+    settled = {}
     while True:
         connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
         connection.request("GET", "/model")
-        predictor = json.loads(connection.getresponse().read())["predictor"]
-        if predictor != "treelite" or time.perf_counter() - started > timeout:
-            return predictor, time.perf_counter() - started
-        time.sleep(0.1)
+        model = json.loads(connection.getresponse().read())
+        waited = time.perf_counter() - started
+        if model["predictor"] != "treelite" and "predictor_final_after_s" not in settled:
+            settled.update(predictor=model["predictor"], predictor_final_after_s=waited)
+        if model["registry_confirmed"] and "registry_confirmed_after_s" not in settled:
+            settled["registry_confirmed_after_s"] = waited
+        if len(settled) == 3:
+            return settled
+        if waited > timeout:
+            return {"predictor": model["predictor"], "predictor_final_after_s": waited,
+                    "registry_confirmed_after_s": waited, **settled}
+        time.sleep(0.05)
 
 
 def measure(kind: str, project: Path, single: bytes, batch: bytes, args, first: bool) -> dict:
@@ -223,7 +235,7 @@ def measure(kind: str, project: Path, single: bytes, batch: bytes, args, first: 
         result = {"ready_s": server.ready_s}
         if kind == "project":
             result["start"] = "cold" if first else "warm"
-            result["predictor"], result["predictor_final_after_s"] = wait_for_predictor(server)
+            result.update(wait_until_settled(server))
         one = timed_requests(server, single, args.single_requests, warmup=200)
         many = timed_requests(server, batch, args.batch_requests, warmup=5)
         result.update({"single_row_p50_ms": 1000 * percentile(one, 0.5),
@@ -281,10 +293,14 @@ def main():
         figures["ready_s"] = round(statistics.median(run["ready_s"] for run in warm), 3)
     figures["ready_cold_s"] = round(rounds["project"][0]["ready_s"], 3)
     figures["compiled_after_cold_start_s"] = round(rounds["project"][0]["predictor_final_after_s"], 1)
+    if warm:
+        figures["registry_confirmed_after_restart_s"] = round(
+            statistics.median(run["registry_confirmed_after_s"] for run in warm), 2)
     figures["predictor"] = rounds["project"][-1]["predictor"]
     figures["single_row_p50_ratio"] = round(figures["mlflow_serve_single_row_p50_ms"] / figures["single_row_p50_ms"], 2)
     figures["batch_throughput_ratio"] = round(figures["batch_rows_per_s"] / figures["mlflow_serve_batch_rows_per_s"], 2)
     figures["ready_ratio"] = round(figures["mlflow_serve_ready_s"] / figures["ready_s"], 2)
+    figures["ready_cold_ratio"] = round(figures["mlflow_serve_ready_s"] / figures["ready_cold_s"], 2)
     loads_run = [run["load"] for run in rounds["project"] if "load" in run]
     if loads_run:
         figures["load_requests"] = args.load_requests
