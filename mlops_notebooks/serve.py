@@ -216,14 +216,15 @@ def compile_trees(champion:Champion, folder:Path|str) -> bool:
         log.warning("%s version %s: no C compiler (gcc or clang), so Treelite's interpreter keeps serving",
                     champion.name, champion.version)
         return False
+    matrix, expected = champion.fast.probe
     try:
         compiled = CompiledTrees(compiled_library(trees, folder))
-    except Exception as error:  # a broken toolchain costs speed, not the service
+        predicted = compiled.predict(matrix)
+    except Exception as error:  # a broken toolchain or library costs speed, not the service
         log.warning("%s version %s: compiling the trees failed, Treelite's interpreter keeps serving: %s",
                     champion.name, champion.version, error)
         return False
-    matrix, expected = champion.fast.probe
-    if not np.allclose(compiled.predict(matrix), expected, rtol=1e-10, atol=0.0):
+    if not np.allclose(predicted, expected, rtol=1e-10, atol=0.0):
         log.warning("%s version %s: the compiled trees disagree with the pipeline; not used", champion.name, champion.version)
         return False
     trees.compiled = compiled  # one reference rebound: requests switch between two checked predictors
@@ -438,6 +439,9 @@ class ChampionWatcher:
     def check_once(self) -> bool:
         "Swap in the alias's version if it changed; True when a swap happened."
         version = champion_version(self.client, self.name, self.alias)
+        if version is None and not self.confirmed:  # a restart from the snapshot, and the alias is gone since
+            log.warning("the registry has no '%s' version of %s any more; serving version %s until it has one",
+                        self.alias, self.name, self.current.version)
         self.confirmed = True
         if version is None or int(version.version) == self.current.version:
             return False
