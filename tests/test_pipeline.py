@@ -1,6 +1,8 @@
 """End to end: `dvc repro` in a throw-away copy of the project, with small params."""
 import json
 import math
+import shutil
+from pathlib import Path
 
 import mlflow
 import yaml
@@ -57,6 +59,19 @@ def test_the_mlflow_run_carries_the_lineage(repro_project):
     assert run.data.metrics["test_d2"] == json.loads((repro_project / "reports/metrics.json").read_text())["d2"]
     logged = mlflow.get_logged_model(run_record["model_id"])
     assert logged.source_run_id == run_record["run_id"]
+
+
+def test_a_leftover_plot_is_neither_read_nor_logged(repro_project, tmp_path):
+    "An older version's file in reports/plots/ neither trips evaluate's undeclared-read guard nor reaches MLflow."
+    project = tmp_path / "project"
+    shutil.copytree(repro_project, project, symlinks=True)
+    (project / "reports/plots/error_by_month.png").write_bytes(b"an older evaluate's plot")
+    dvc(project, "repro", "--force", "--single-item", "evaluate")
+    run_id = json.loads((project / "models/train_run.json").read_text())["run_id"]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
+    logged = {Path(artifact.path).name for artifact in client.list_artifacts(run_id, "plots")}
+    assert logged == {"predicted_vs_actual.png", "error_by_group.png", "feature_importance.png",
+                      "error_by_group.csv", "feature_importance.csv"}
 
 
 def test_a_train_param_reruns_train_and_downstream_only(tmp_path):
