@@ -6,6 +6,7 @@
 __all__ = ['immediate_shutdown_engine', 'StageEngine']
 
 # %% ../nbs/16_stage_engine.ipynb #c004
+from contextlib import contextmanager
 from functools import cache
 
 @cache
@@ -15,25 +16,27 @@ def immediate_shutdown_engine():
 
     class StageExecutionManager(NotebookExecutionManager):
         "Saves when the notebook starts, every `autosave_cell_every` seconds of output, and at the end; not per cell."
-        _in_cell_hook = False
+        _saving = True
 
         def save(self, **kwargs):
-            if not self._in_cell_hook:
+            if self._saving:
                 super().save(**kwargs)
 
-        def cell_start(self, cell, cell_index=None, **kwargs):
-            self._in_cell_hook = True
+        @contextmanager
+        def _without_saving(self):
+            self._saving = False
             try:
-                super().cell_start(cell, cell_index, **kwargs)
+                yield
             finally:
-                self._in_cell_hook = False
+                self._saving = True
+
+        def cell_start(self, cell, cell_index=None, **kwargs):
+            with self._without_saving():  # papermill saves here and in `cell_complete`, for live viewers only
+                super().cell_start(cell, cell_index, **kwargs)
 
         def cell_complete(self, cell, cell_index=None, **kwargs):
-            self._in_cell_hook = True
-            try:
+            with self._without_saving():
                 super().cell_complete(cell, cell_index, **kwargs)
-            finally:
-                self._in_cell_hook = False
 
     class ImmediateShutdownEngine(NBClientEngine):
         @classmethod
