@@ -6,12 +6,14 @@ Everything runs in throw-away copies of the project under a temporary folder, ne
 2. a cold `dvc repro` of the same pipeline with every stage turned into `stage_scripts/<stem>.py`:
    the injected params, then the notebook's `#| export` and `#| pipeline` cells in order
    (no parameters cell, no test/example cells); its data outputs must hash the same as in 1.;
+   and, for comparison, 1. with every stage on `papermill --engine stage-kernel` (the cells in a kernel
+   started for the stage, as papermill's own engine does, instead of in papermill's process);
 3. `dvc repro` again with nothing changed (the no-op cost);
 4. `log_training_run` against the warm SQLite tracking store the repro created;
 5. a breakdown of the per-stage difference, from papermill's own timings in the executed
    reports and from one instrumented run of the scripts (per-cell times).
 
-Notebooks and scripts alternate within every repeat, so a busy machine slows both alike;
+The variants take turns going first in every repeat, so a busy machine slows both alike;
 figures are medians over repeats. By default Python's bytecode cache is a private, pre-warmed folder
 (see `project_env`); `--bytecode-cache off` uses only what the venv holds.
 Usage: python benchmarks/notebook_tax.py --repeats 3
@@ -293,9 +295,15 @@ def convert_to_scripts(project: Path) -> tuple[dict, int]:
 
 
 def prepare_copy(snapshot: Path, destination: Path, variant: str) -> dict:
-    "A fresh, committed copy of the snapshot, as notebooks (unchanged) or as scripts."
+    "A fresh, committed copy of the snapshot: as notebooks (unchanged), notebooks in kernels, or scripts."
     shutil.copytree(snapshot, destination, symlinks=True)
     info = {}
+    if variant == "kernel":
+        dvc_file = destination / "dvc.yaml"
+        text = dvc_file.read_text()
+        if "--engine stage " not in text:
+            raise RuntimeError(f"no `--engine stage` stage command in {dvc_file}")
+        dvc_file.write_text(text.replace("--engine stage ", "--engine stage-kernel "))
     if variant == "scripts":
         info["notebooks"], info["ipython_adjustments"] = convert_to_scripts(destination)
     commit_copy(destination)   # after the conversion, so the scripts are committed like notebooks
@@ -368,10 +376,11 @@ def report_timings(report: Path) -> dict:
     first, last = cells[0]["metadata"]["papermill"], cells[-1]["metadata"]["papermill"]
     timings = {
         "notebook_s": meta["duration"],
-        # nbclient starts the kernel and waits for it between notebook_start and the first cell
-        "kernel_start_s": (parse_time(first["start_time"]) - parse_time(meta["start_time"])).total_seconds(),
-        # after the last cell: a kernel_info request, then kernel shutdown
-        "kernel_shutdown_s": (parse_time(meta["end_time"]) - parse_time(last["end_time"])).total_seconds(),
+        # between notebook_start and the first cell: the IPython shell is made (in process), or nbclient
+        # starts the kernel and waits for it (stage-kernel)
+        "engine_start_s": (parse_time(first["start_time"]) - parse_time(meta["start_time"])).total_seconds(),
+        # after the last cell: nothing (in process), or a kernel_info request and the kernel's shutdown
+        "engine_stop_s": (parse_time(meta["end_time"]) - parse_time(last["end_time"])).total_seconds(),
         "between_cells_s": 0.0,   # papermill saves the whole notebook after every cell (and before)
         "cells": {},
     }
@@ -580,8 +589,8 @@ def stage_breakdown(stage: str, runs: list[dict]) -> dict:
         # parameterizing the notebook, writing the report; plus DVC's bookkeeping of the stage
         "papermill_outside_notebook_s": med(lambda run: run["notebooks"]["cold"]["stages"][stage]
                                                         - report(run)["notebook_s"]),
-        "kernel_start_s": med(lambda run: report(run)["kernel_start_s"]),
-        "kernel_shutdown_s": med(lambda run: report(run)["kernel_shutdown_s"]),
+        "engine_start_s": med(lambda run: report(run)["engine_start_s"]),
+        "engine_stop_s": med(lambda run: report(run)["engine_stop_s"]),
         # gaps between cells and markdown "cells" are papermill saving the notebook, nothing else
         "notebook_saves_s": med(lambda run: report(run)["between_cells_s"] + notebook_kind(run, "markdown")),
         "parameter_cells_s": med(lambda run: notebook_kind(run, "parameters", "injected", "directive-only")),
@@ -591,7 +600,7 @@ def stage_breakdown(stage: str, runs: list[dict]) -> dict:
         "minus_script_outside_cells_s": med(lambda run: -(run["scripts"]["cold"]["stages"][stage]
                                                           - cells(run)["in_script_s"])),
         "minus_script_prelude_s": med(lambda run: -cells(run)["cells"]["prelude"]["s"]),
-        # the same code in both: any difference is the kernel (display, inline PNG rendering) or noise
+        # the same code in both: any difference is IPython (display, inline PNG rendering) or noise
         "export_cells_nb_minus_script_s": med(lambda run: notebook_kind(run, "export") - script_kind(run, "export")),
         "plot_cells_nb_minus_script_s": med(lambda run: notebook_kind(run, "pipeline_plot") - plot_cells_in_script(run)),
         "other_pipeline_cells_nb_minus_script_s": med(
@@ -613,6 +622,9 @@ def build_record(args, runs: list[dict], tools: dict, mlflow_figures: dict, chec
     "The result file's JSON object, figures as medians over repeats."
     notebooks = [run["notebooks"] for run in runs]
     scripts = [run["scripts"] for run in runs]
+    kernel = [run["kernel"] for run in runs]
+    cold_kernel = median([run["cold"]["total_s"] for run in kernel])
+    groups = (("notebooks", notebooks), ("scripts", scripts), ("kernel", kernel))
     stages = list(notebooks[0]["cold"]["stages"])
     cold_nb = median([run["cold"]["total_s"] for run in notebooks])
     cold_sc = median([run["cold"]["total_s"] for run in scripts])
@@ -632,6 +644,10 @@ def build_record(args, runs: list[dict], tools: dict, mlflow_figures: dict, chec
                                             - min(run["cold"]["total_s"] for run in scripts)) / len(stages), 3),
         "ratio_per_repeat": [round(nb["cold"]["total_s"] / sc["cold"]["total_s"], 3)
                              for nb, sc in zip(notebooks, scripts)],
+        # the same notebooks, each stage in a kernel of its own (`--engine stage-kernel`), in the same repeats
+        "cold_repro_kernel_engine_s": cold_kernel,
+        "ratio_kernel_engine": round(cold_kernel / cold_sc, 3),
+        "added_per_stage_kernel_engine_s": round((cold_kernel - cold_sc) / len(stages), 3),
         "noop_repro_s": median([run["noop_s"] for run in notebooks]),
         "noop_repro_scripts_s": median([run["noop_s"] for run in scripts]),
         "mlflow_overhead_per_run_s": mlflow_figures["mlflow_overhead_per_run_s"],
@@ -644,11 +660,11 @@ def build_record(args, runs: list[dict], tools: dict, mlflow_figures: dict, chec
         "dvc_startup_s": {variant: median([run["cold"]["startup_s"] for run in group])
                           for variant, group in (("notebooks", notebooks), ("scripts", scripts))},
         "stage_s": {variant: {stage: median([run["cold"]["stages"][stage] for run in group]) for stage in stages}
-                    for variant, group in (("notebooks", notebooks), ("scripts", scripts))},
+                    for variant, group in groups},
         # every run, in the order they ran, with the 1-minute load average before and after it
         "cold_repro_runs": {variant: [{"s": round(run["cold"]["total_s"], 3), "cpu_s": round(run["cold"]["cpu_s"], 3),
                                        "load_1m": run["cold"]["load_1m"]} for run in group]
-                            for variant, group in (("notebooks", notebooks), ("scripts", scripts))},
+                            for variant, group in groups},
         "fixed_costs": tools,
         "same_results": checks[-1],
         "ipython_adjustments": scripts[0].get("ipython_adjustments", 0),   # magic lines dropped + display() shims
@@ -674,16 +690,17 @@ def print_table(record: dict):
     figures, goals = record["figures"], record["goals"]
     print(f"\nnotebook_tax  ({record['date']}, {record['machine']['cpus']} cpus, {record['command']})")
     for name in ("cold_repro_notebooks_s", "cold_repro_scripts_s", "ratio", "added_per_stage_s",
+                 "cold_repro_kernel_engine_s", "ratio_kernel_engine", "added_per_stage_kernel_engine_s",
                  "cold_repro_notebooks_min_s", "cold_repro_scripts_min_s", "ratio_of_mins", "added_per_stage_of_mins_s",
                  "noop_repro_s", "mlflow_overhead_per_run_s", "mlflow_import_s"):
         goal = goals.get(name)
         verdict = "" if goal is None else f"  goal <= {goal['max']}: {'ok' if figures[name] <= goal['max'] else 'MISSED'}"
         print(f"  {name:28s} {figures[name]:8.3f}{verdict}")
     print(f"  {'ratio_per_repeat':28s} {figures['ratio_per_repeat']}")
-    print(f"\n  {'stage':10s} {'notebook':>9s} {'script':>9s} {'added':>8s}")
+    print(f"\n  {'stage':10s} {'notebook':>9s} {'script':>9s} {'added':>8s} {'kernel':>9s}")
     for stage, seconds in figures["stage_s"]["notebooks"].items():
-        script = figures["stage_s"]["scripts"][stage]
-        print(f"  {stage:10s} {seconds:9.2f} {script:9.2f} {seconds - script:8.2f}")
+        script, kernel = figures["stage_s"]["scripts"][stage], figures["stage_s"]["kernel"][stage]
+        print(f"  {stage:10s} {seconds:9.2f} {script:9.2f} {seconds - script:8.2f} {kernel:9.2f}")
     if "breakdown_per_stage" in figures:
         parts = list(next(iter(figures["breakdown_per_stage"].values()))["parts"])
         stages = list(figures["breakdown_per_stage"])
@@ -720,8 +737,9 @@ def main():
             warm_bytecode_cache(snapshot, workdir, pycache)
         runs, checks = [], []
         for repeat in range(args.repeats):
-            # Alternate which variant goes first, so drift in machine load hits both sides alike.
-            order = ("notebooks", "scripts") if repeat % 2 == 0 else ("scripts", "notebooks")
+            # Rotate which variant goes first, so drift in machine load hits every side alike.
+            variants = ("notebooks", "scripts", "kernel")
+            order = variants[repeat % 3:] + variants[:repeat % 3]
             results = {}
             for variant in order:
                 print(f"repeat {repeat + 1}/{args.repeats}: {variant} ...", flush=True)
@@ -729,6 +747,7 @@ def main():
                 print(f"  cold {results[variant]['cold']['total_s']:.1f}s, no-op {results[variant]['noop_s']:.2f}s",
                       flush=True)
             checks.append(check_same_results(results["notebooks"], results["scripts"]))
+            check_same_results(results["notebooks"], results["kernel"])   # in process or in a kernel: same data
             runs.append(results)
             if repeat < args.repeats - 1 and not args.keep:
                 for result in results.values():   # keep the disk tidy; the last pair serves the probes
