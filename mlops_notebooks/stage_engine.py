@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['PYTHON_LANGUAGE_INFO', 'CellOutputs', 'CellStream', 'in_process_shell_class', 'runs_in_this_python',
-           'can_run_in_process', 'cell_output_streams', 'execute_cells_in_process', 'stage_engines', 'StageEngine',
-           'StageKernelEngine']
+           'can_run_in_process', 'with_working_directory', 'kernel_like_process', 'execute_cells_in_process',
+           'stage_engines', 'StageEngine', 'StageKernelEngine']
 
 # %% ../nbs/16_stage_engine.ipynb #c010
 import atexit
@@ -181,18 +181,28 @@ def _no_stdin(*args, **kwargs):
     raise RuntimeError("input() is not available when a notebook runs as a pipeline stage: "
                        "pass the value as a parameter")
 
+def with_working_directory(path:list[str]) -> list[str]:
+    "`path` with '' (the working directory) before site-packages, as an IPython kernel has it (`init_path`)."
+    if "" in path:
+        return list(path)
+    site = next((index for index, entry in enumerate(path)
+                 if os.path.basename(entry) in ("site-packages", "dist-packages")), 0)
+    return [*path[:site], "", *path[site:]]
+
 @contextmanager
-def cell_output_streams(outputs:CellOutputs):
-    "`sys.stdout`, `sys.stderr` go to the running cell, `input()` fails at once, `sys.argv` has no papermill flags."
-    saved = sys.stdout, sys.stderr, builtins.input, sys.argv
+def kernel_like_process(outputs:CellOutputs):
+    "While cells run: output goes to the cell, `input()` fails, `sys.argv` and `sys.path` are as in a kernel."
+    saved = sys.stdout, sys.stderr, builtins.input, sys.argv, sys.path[:]
     sys.stdout = CellStream("stdout", outputs, sys.__stdout__)
     sys.stderr = CellStream("stderr", outputs, sys.__stderr__)
     builtins.input, sys.argv = _no_stdin, sys.argv[:1]
+    sys.path[:] = with_working_directory(sys.path)
     try:
         yield
     finally:
         outputs.stop()
-        sys.stdout, sys.stderr, builtins.input, sys.argv = saved
+        sys.stdout, sys.stderr, builtins.input, sys.argv = saved[:4]
+        sys.path[:] = saved[4]
 
 PYTHON_LANGUAGE_INFO = {"name": "python", "mimetype": "text/x-python", "file_extension": ".py",
                         "pygments_lexer": "ipython3", "codemirror_mode": {"name": "ipython", "version": 3},
@@ -214,7 +224,7 @@ def execute_cells_in_process(nb_man, log=None, log_output:bool=False, stdout_fil
     atexit.register(gc.freeze)
     nb = nb_man.nb
     nb.metadata["language_info"] = {**PYTHON_LANGUAGE_INFO, "version": platform.python_version()}
-    with cell_output_streams(outputs):
+    with kernel_like_process(outputs):
         # as papermill's nbclient engine: every cell is started and completed, markdown too; the first error stops
         for index, cell in enumerate(nb.cells):
             nb_man.cell_start(cell, index)
