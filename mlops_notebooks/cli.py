@@ -125,9 +125,11 @@ def audit(args) -> int:
     return 0
 
 def serve(args) -> int:
-    from mlops_notebooks.serve import serve as run_service
+    from mlops_notebooks.champion_lookup import first_start_lookup
     settings = load_settings(project_root())
-    run_service(settings, host=args.host, port=args.port)
+    lookup = first_start_lookup(settings)  # asks the registry in a second process while the service imports its stack
+    from mlops_notebooks.serve import serve as run_service
+    run_service(settings, host=args.host, port=args.port, lookup=lookup)
     return 0
 
 def score(args) -> int:

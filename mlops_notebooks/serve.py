@@ -25,18 +25,20 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, create_model
 
+from .champion_lookup import ChampionLookup, input_specs
 from .settings import DataError, Settings, UserError
 
 log = logging.getLogger("mlops_notebooks.serve")
 
 # %% auto #0
 __all__ = ['log', 'MAX_EXACT_INTEGER', 'PARALLEL_ROWS', 'LINEAGE_SUMMARY', 'SNAPSHOT_FORMAT', 'LOG_QUEUE_LIMIT', 'LOG_SCHEMA',
-           'MAX_BYTES_PER_RECORD', 'InputColumn', 'signature_columns', 'encoder_categories', 'record_validator',
-           'describe_errors', 'FastEncoding', 'booster_threads', 'TreeliteTrees', 'CompiledTrees', 'c_compiler',
-           'compiled_library', 'compile_trees', 'treelite_trees', 'Champion', 'probe_records', 'make_champion',
-           'champion_from_columns', 'lineage_summary', 'champion_version', 'load_champion', 'write_snapshot',
-           'read_snapshot', 'ChampionWatcher', 'open_log', 'PredictionLog', 'read_prediction_log', 'parse_records',
-           'create_app', 'registry_client', 'build_service', 'serve', 'score_frame', 'score_file']
+           'MAX_BYTES_PER_RECORD', 'InputColumn', 'signature_columns', 'spec_columns', 'encoder_categories',
+           'record_validator', 'describe_errors', 'FastEncoding', 'booster_threads', 'TreeliteTrees', 'CompiledTrees',
+           'c_compiler', 'compiled_library', 'compile_trees', 'treelite_trees', 'Champion', 'probe_records',
+           'make_champion', 'champion_from_columns', 'lineage_summary', 'champion_version', 'load_champion',
+           'champion_from_lookup', 'write_snapshot', 'read_snapshot', 'ChampionWatcher', 'open_log', 'PredictionLog',
+           'read_prediction_log', 'parse_records', 'create_app', 'registry_client', 'build_service', 'serve',
+           'score_frame', 'score_file']
 
 # %% ../nbs/09_serve.ipynb #c005
 MAX_EXACT_INTEGER = 2**53
@@ -53,12 +55,14 @@ def signature_columns(signature,          # the model's `mlflow.models.ModelSign
                       categories:dict={}, # column -> categories the model was trained on
                      ) -> list[InputColumn]:
     "The input contract from an MLflow signature: one `InputColumn` per input, in the model's order."
-    columns = []
-    for spec in signature.inputs.inputs:
-        kind = spec.type.name if hasattr(spec.type, "name") else str(spec.type)
-        columns.append(InputColumn(spec.name, kind, nullable=not getattr(spec, "required", True),
-                                   categories=tuple(categories.get(spec.name, ()))))
-    return columns
+    return spec_columns(input_specs(signature), categories)
+
+def spec_columns(specs:list[dict],   # `{name, type, required}` per input, as `input_specs` gives them
+                 categories:dict={}, # column -> categories the model was trained on
+                ) -> list[InputColumn]:
+    "The input contract from a signature's inputs as plain data."
+    return [InputColumn(spec["name"], spec["type"], nullable=not spec["required"],
+                        categories=tuple(categories.get(spec["name"], ()))) for spec in specs]
 
 def encoder_categories(model) -> dict:
     "Categories per column learnt by the `OrdinalEncoder` of a fitted claims pipeline (empty when there is none)."
@@ -363,6 +367,14 @@ def load_champion(client, name:str, version) -> Champion:
         raise DataError(f"{name} version {version.version}: the model has no signature, so requests cannot be checked")
     return make_champion(name, version.version, version.run_id, model, signature, lineage_summary(version.tags))
 
+def champion_from_lookup(name:str, found:dict) -> Champion:
+    "The champion a `ChampionLookup` found: its pickled pipeline loaded here, its contract from the signature's inputs."
+    import pickle
+    with open(found["model_file"], "rb") as file:
+        model = pickle.load(file)
+    columns = spec_columns(found["inputs"], encoder_categories(model))
+    return champion_from_columns(name, found["version"], found["run_id"], model, columns, lineage_summary(found["tags"]))
+
 SNAPSHOT_FORMAT = 1
 
 def write_snapshot(champion:Champion, path:Path|str, registry:str):
@@ -405,6 +417,7 @@ class ChampionWatcher:
         self.snapshot = snapshot
         self.current: Champion | None = None
         self.confirmed = False  # True once the registry has been asked where the alias points
+        self.looked_up = False  # True when a first start's champion came from a `ChampionLookup`
         self.compiling: threading.Thread | None = None  # compiling the latest champion's trees
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="champion-watcher", daemon=True)
@@ -416,12 +429,20 @@ class ChampionWatcher:
             self._client = self._client()
         return self._client
 
-    def load_initial(self) -> Champion:
-        "Load the version the alias points at now; a `UserError` when there is none."
-        version = champion_version(self.client, self.name, self.alias)
-        if version is None:
-            raise UserError(f"no '{self.alias}' version of model '{self.name}' in the registry: run `make pipeline` first")
-        self.current = self.loader(self.client, self.name, version)
+    def load_initial(self, lookup:ChampionLookup|None=None) -> Champion:
+        "Load the version the alias points at now (as `lookup` found it, if it did); a `UserError` when there is none."
+        found = lookup.result() if lookup is not None else None
+        if found is not None:
+            try:
+                self.current, self.looked_up = champion_from_lookup(self.name, found), True
+            except Exception as error:  # e.g. a pickle this Python cannot read: the usual way below says what is wrong
+                log.warning("champion %s: cannot use the lookup's answer (%s); asking the registry", self.name, error)
+        if not self.looked_up:
+            version = champion_version(self.client, self.name, self.alias)
+            if version is None:
+                raise UserError(f"no '{self.alias}' version of model '{self.name}' in the registry: "
+                                "run `make pipeline` first")
+            self.current = self.loader(self.client, self.name, version)
         self.confirmed = True
         self._keep(self.current)
         return self.current
@@ -673,20 +694,26 @@ def registry_client(settings:Settings):
 
 def build_service(settings:Settings,
                   warm:bool=True, # start from the snapshot of the last champion, if there is one
+                  lookup:ChampionLookup|None=None, # a first start's registry lookup, already running
                  ):
     "The app for a project: the champion of `settings.registered_model_name`, the log at `settings.prediction_log`."
     watcher = ChampionWatcher(lambda: registry_client(settings), settings.registered_model_name,
                               settings.model_poll_seconds, snapshot=(settings.champion_snapshot, settings.tracking_uri))
     if not (warm and watcher.warm_start()):
-        watcher.load_initial()  # fail before binding the port when there is no champion
+        watcher.load_initial(lookup)  # fail before binding the port when there is no champion
+    elif lookup is not None:
+        lookup.cancel()
     return create_app(watcher, settings.prediction_log, settings.max_records_per_request), watcher
 
-def serve(settings:Settings, host:str|None=None, port:int|None=None):
+def serve(settings:Settings, host:str|None=None, port:int|None=None,
+          lookup:ChampionLookup|None=None, # started by the CLI before it imported this module (`first_start_lookup`)
+         ):
     "Serve the champion until stopped."
     import uvicorn
-    app, watcher = build_service(settings)
+    app, watcher = build_service(settings, lookup=lookup)
     host, port = host or settings.service_host, port or settings.service_port
-    source = "the registry" if watcher.confirmed else "the last snapshot; asking the registry now"
+    source = ("the registry, looked up by a helper process" if watcher.looked_up else
+              "the registry" if watcher.confirmed else "the last snapshot; asking the registry now")
     print(f"serving {watcher.current.name} version {watcher.current.version} ({source}) on http://{host}:{port}",
           flush=True)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the previous handler: make that

@@ -134,6 +134,7 @@ def project(repro_project, tmp_path_factory) -> Path:
     copy = tmp_path_factory.mktemp("serve") / "project"
     shutil.copytree(repro_project, copy, symlinks=True)
     (copy / "predictions.db").unlink(missing_ok=True)
+    shutil.rmtree(copy / ".serving", ignore_errors=True)  # the module's first service is a first start
     return copy
 
 
@@ -147,6 +148,8 @@ def service(project):
 # ---------------------------------------------------------------- happy path, log, audit
 
 def test_answers_predictions_of_the_champion(service, project):
+    # a first start: the champion came from the registry, asked by the helper process while the service imported
+    assert f"serving {MODEL} version 1 (the registry, looked up by a helper process)" in service.output()
     records = sample_records(project, 20)
     expected = champion_predictions(project, 1, records)
     with requests.Session() as session:  # keep-alive
