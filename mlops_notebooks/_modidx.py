@@ -44,6 +44,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                            'mlops_notebooks/champion_lookup.py'),
                                                  'mlops_notebooks.champion_lookup.model_answer': ( 'champion_lookup.html#model_answer',
                                                                                                    'mlops_notebooks/champion_lookup.py'),
+                                                 'mlops_notebooks.champion_lookup.read_alias': ( 'champion_lookup.html#read_alias',
+                                                                                                 'mlops_notebooks/champion_lookup.py'),
                                                  'mlops_notebooks.champion_lookup.sqlite_file': ( 'champion_lookup.html#sqlite_file',
                                                                                                   'mlops_notebooks/champion_lookup.py')},
             'mlops_notebooks.cli': { 'mlops_notebooks.cli.audit': ('cli.html#audit', 'mlops_notebooks/cli.py'),
