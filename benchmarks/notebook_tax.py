@@ -8,7 +8,8 @@ Everything runs in throw-away copies of the project under a temporary folder, ne
    (no parameters cell, no test/example cells); its data outputs must hash the same as in 1.;
    and, for comparison, 1. with every stage on `papermill --engine stage-kernel` (the cells in a kernel
    started for the stage, as papermill's own engine does, instead of in papermill's process);
-3. `dvc repro` again with nothing changed (the no-op cost);
+3. `dvc repro` again with nothing changed (the no-op cost), each right after a no-op of a one-stage
+   DVC project (DVC's floor at that moment);
 4. `log_training_run` against the warm SQLite tracking store the repro created;
 5. a breakdown of the per-stage difference, from papermill's own timings in the executed
    reports and from one instrumented run of the scripts (per-cell times).
@@ -532,21 +533,46 @@ def warm_bytecode_cache(snapshot: Path, workdir: Path, pycache: Path):
     shutil.rmtree(project)
 
 
+def make_floor_project(workdir: Path, env: dict) -> Path:
+    "DVC's floor: a git + DVC project with one stage (one file in, one out), run once so a repro is a no-op."
+    floor = workdir / "floor"
+    floor.mkdir()
+    run(["git", "init", "-q"], floor, env)
+    run([str(BIN / "dvc"), "init", "-q"], floor, env)
+    run([str(BIN / "dvc"), "config", "core.analytics", "false"], floor, env)
+    (floor / "input.txt").write_text("claims\n")
+    (floor / "dvc.yaml").write_text("stages:\n  copy:\n    cmd: cp input.txt output.txt\n"
+                                    "    deps:\n      - input.txt\n    outs:\n      - output.txt\n")
+    timed_repro(floor, env, workdir / "floor-first.log")
+    return floor
+
+
 def one_variant(snapshot: Path, workdir: Path, variant: str, repeat: int, breakdown: bool,
-                pycache: Path | None) -> dict:
+                pycache: Path | None, floor_project: Path) -> dict:
     "Copy, cold repro, no-op repro, and the breakdown sources of one variant in one repeat."
     project = workdir / f"{variant}-{repeat}"
     info = prepare_copy(snapshot, project, variant)
     env = project_env(scripts=variant == "scripts", pycache=pycache)
     cold = timed_repro(project, env, workdir / f"{variant}-{repeat}-cold.log")
     # A no-op repro is ~1 s of which DVC's start-up is most: one sample is mostly noise, so take several.
-    noops = []
+    # Each no-op follows a no-op of DVC's floor project (see `make_floor_project`) at once: on these
+    # shared machines the same no-op takes 0.7 s in one quarter of an hour and 1.2 s in the next, with its
+    # CPU time moving alike (it is CPU-bound: the machine's speed changes, not the waiting), so only the
+    # difference within each pair says what this project's stages cost on top of DVC itself.
+    noops, noop_cpus, noop_loads, floors = [], [], [], []
     for attempt in range(NOOP_REPEATS):
+        floor = timed_repro(floor_project, env, workdir / f"{variant}-{repeat}-floor-{attempt}.log")
         noop = timed_repro(project, env, workdir / f"{variant}-{repeat}-noop-{attempt}.log")
-        if noop["stages"]:
-            raise RuntimeError(f"the no-op repro re-ran {sorted(noop['stages'])} in {project}")
+        for name, where, timing in (("no-op", project, noop), ("floor", floor_project, floor)):
+            if timing["stages"]:
+                raise RuntimeError(f"the {name} repro re-ran {sorted(timing['stages'])} in {where}")
         noops.append(noop["total_s"])
+        noop_cpus.append(noop["cpu_s"])
+        noop_loads.append(noop["load_1m"][0])
+        floors.append(floor["total_s"])
     result = {"project": project, "cold": cold, "noop_s": statistics.median(noops), "noop_samples_s": noops,
+              "noop_cpu_s": statistics.median(noop_cpus), "noop_cpu_samples_s": noop_cpus,
+              "noop_load_1m": noop_loads, "floor_samples_s": floors,
               "md5": locked_md5s(project), **info}
     if breakdown and variant == "notebooks":
         result["reports"] = {}
@@ -657,6 +683,15 @@ def build_record(args, runs: list[dict], tools: dict, mlflow_figures: dict, chec
         "noop_repro_s": median([run["noop_s"] for run in notebooks]),
         "noop_repro_scripts_s": median([run["noop_s"] for run in scripts]),
         "noop_repro_samples_s": [round(sample, 3) for run in notebooks for sample in run["noop_samples_s"]],
+        "noop_repro_cpu_s": median([run["noop_cpu_s"] for run in notebooks]),
+        "noop_repro_cpu_samples_s": [round(sample, 3) for run in notebooks for sample in run["noop_cpu_samples_s"]],
+        "noop_repro_load_1m": [load for run in notebooks for load in run["noop_load_1m"]],
+        # DVC's floor (a one-stage project's no-op, run just before each no-op above) and, pair by pair,
+        # what this pipeline's 7 stages with complete deps add to it
+        "noop_floor_s": median([sample for run in notebooks for sample in run["floor_samples_s"]]),
+        "noop_floor_samples_s": [round(sample, 3) for run in notebooks for sample in run["floor_samples_s"]],
+        "noop_over_floor_s": median([noop - floor for run in notebooks
+                                     for noop, floor in zip(run["noop_samples_s"], run["floor_samples_s"])]),
         "mlflow_overhead_per_run_s": mlflow_figures["mlflow_overhead_per_run_s"],
         "mlflow_import_s": tools["mlflow_import_s"],
         "mlflow_first_run_s": mlflow_figures["mlflow_first_run_s"],
@@ -699,7 +734,8 @@ def print_table(record: dict):
     for name in ("cold_repro_notebooks_s", "cold_repro_scripts_s", "ratio", "added_per_stage_s",
                  "cold_repro_kernel_engine_s", "ratio_kernel_engine", "added_per_stage_kernel_engine_s",
                  "cold_repro_notebooks_min_s", "cold_repro_scripts_min_s", "ratio_of_mins", "added_per_stage_of_mins_s",
-                 "noop_repro_s", "mlflow_overhead_per_run_s", "mlflow_import_s"):
+                 "noop_repro_s", "noop_repro_cpu_s", "noop_floor_s", "noop_over_floor_s",
+                 "mlflow_overhead_per_run_s", "mlflow_import_s"):
         goal = goals.get(name)
         verdict = "" if goal is None else f"  goal <= {goal['max']}: {'ok' if figures[name] <= goal['max'] else 'MISSED'}"
         print(f"  {name:28s} {figures[name]:8.3f}{verdict}")
@@ -742,6 +778,7 @@ def main():
         if pycache is not None:
             print("warming a private bytecode cache (one small, untimed repro) ...", flush=True)
             warm_bytecode_cache(snapshot, workdir, pycache)
+        floor_project = make_floor_project(workdir, project_env(pycache=pycache))
         runs, checks = [], []
         for repeat in range(args.repeats):
             # Rotate which variant goes first, so drift in machine load hits every side alike.
@@ -750,7 +787,8 @@ def main():
             results = {}
             for variant in order:
                 print(f"repeat {repeat + 1}/{args.repeats}: {variant} ...", flush=True)
-                results[variant] = one_variant(snapshot, workdir, variant, repeat, not args.no_breakdown, pycache)
+                results[variant] = one_variant(snapshot, workdir, variant, repeat, not args.no_breakdown, pycache,
+                                               floor_project)
                 print(f"  cold {results[variant]['cold']['total_s']:.1f}s, no-op {results[variant]['noop_s']:.2f}s",
                       flush=True)
             checks.append(check_same_results(results["notebooks"], results["scripts"]))
