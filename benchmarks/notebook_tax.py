@@ -12,7 +12,9 @@ Everything runs in throw-away copies of the project under a temporary folder, ne
    DVC project (DVC's floor at that moment);
 4. `log_training_run` against the warm SQLite tracking store the repro created;
 5. a breakdown of the per-stage difference, from papermill's own timings in the executed
-   reports and from one instrumented run of the scripts (per-cell times).
+   reports and from one instrumented run of the scripts (per-cell times);
+6. every stage once more in each variant's copy (`dvc repro --single-item --force`), the variants back to
+   back, so that what a stage adds over its script is measured on the same machine speed.
 
 The variants take turns going first in every repeat, so a busy machine slows both alike;
 figures are medians over repeats. By default Python's bytecode cache is a private, pre-warmed folder
@@ -51,6 +53,8 @@ NOOP_REPEATS = 5                              # no-op repros per copy (median of
 GOALS = {
     "ratio": {"max": 1.25},
     "added_per_stage_s": {"max": 0.7},
+    "ratio_paired": {"max": 1.25},               # the same two goals, from stages run back to back
+    "added_per_stage_paired_s": {"max": 0.7},
     "noop_repro_s": {"max": 1.0},
     "mlflow_overhead_per_run_s": {"max": 1.5},
 }
@@ -547,6 +551,36 @@ def make_floor_project(workdir: Path, env: dict) -> Path:
     return floor
 
 
+def timed_stage(project: Path, env: dict, stage: str, log: Path) -> float:
+    "Wall seconds of `dvc repro --single-item --force <stage>` in a repro'd copy (DVC's start-up included)."
+    started = time.perf_counter()
+    result = subprocess.run([str(BIN / "dvc"), "repro", "--single-item", "--force", stage], cwd=project, env=env,
+                            capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    log.write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        raise RuntimeError(f"dvc repro --single-item --force {stage} failed in {project} ({result.returncode}); "
+                           f"last lines of {log}:\n" + "".join(log.read_text().splitlines(keepends=True)[-40:]))
+    return seconds
+
+
+def paired_stage_runs(copies: dict, stages: list[str], pycache: Path | None, workdir: Path, repeat: int) -> dict:
+    "Every stage forced once more in each variant's copy, the variants back to back: {variant: {stage: seconds}}."
+    # The whole repros of the variants run ~40 s apart, long enough for this machine's speed to change by
+    # more than the notebook tax: two runs of this benchmark on one afternoon gave +0.76 s and -0.49 s a
+    # stage. Run back to back, a stage's variants see the same machine, and DVC's start-up, common to
+    # both, cancels in their difference. Who goes first rotates with the stage.
+    variants = list(copies)
+    times = {variant: {} for variant in variants}
+    for index, stage in enumerate(stages):
+        shift = (index + repeat) % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            env = project_env(scripts=variant == "scripts", pycache=pycache)
+            times[variant][stage] = timed_stage(copies[variant], env, stage,
+                                                workdir / f"{variant}-{repeat}-paired-{stage}.log")
+    return times
+
+
 def one_variant(snapshot: Path, workdir: Path, variant: str, repeat: int, breakdown: bool,
                 pycache: Path | None, floor_project: Path) -> dict:
     "Copy, cold repro, no-op repro, and the breakdown sources of one variant in one repeat."
@@ -650,7 +684,26 @@ def stage_breakdown(stage: str, runs: list[dict]) -> dict:
     }
 
 
-def build_record(args, runs: list[dict], tools: dict, mlflow_figures: dict, checks: list[dict]) -> dict:
+def paired_figures(paired: list[dict], stages: list[str], cold_scripts: float) -> dict:
+    "What each stage adds over its script when the two run back to back (medians over repeats)."
+    def added(variant: str) -> dict:
+        return {stage: median([times[variant][stage] - times["scripts"][stage] for times in paired])
+                for stage in stages}
+    notebooks, kernel = added("notebooks"), added("kernel")
+    return {
+        "added_per_stage_paired_s": round(sum(notebooks.values()) / len(stages), 3),
+        # the whole-pipeline ratio these differences imply, over the scripts' own cold repro
+        "ratio_paired": round(1 + sum(notebooks.values()) / cold_scripts, 3),
+        "added_per_stage_paired_kernel_engine_s": round(sum(kernel.values()) / len(stages), 3),
+        "ratio_paired_kernel_engine": round(1 + sum(kernel.values()) / cold_scripts, 3),
+        "paired_added_s": {"notebooks": notebooks, "kernel": kernel},
+        "paired_stage_runs_s": [{variant: {stage: round(seconds, 3) for stage, seconds in times[variant].items()}
+                                 for variant in times} for times in paired],
+    }
+
+
+def build_record(args, runs: list[dict], tools: dict, mlflow_figures: dict, checks: list[dict],
+                 paired: list[dict]) -> dict:
     "The result file's JSON object, figures as medians over repeats."
     notebooks = [run["notebooks"] for run in runs]
     scripts = [run["scripts"] for run in runs]
@@ -676,6 +729,7 @@ def build_record(args, runs: list[dict], tools: dict, mlflow_figures: dict, chec
                                             - min(run["cold"]["total_s"] for run in scripts)) / len(stages), 3),
         "ratio_per_repeat": [round(nb["cold"]["total_s"] / sc["cold"]["total_s"], 3)
                              for nb, sc in zip(notebooks, scripts)],
+        **paired_figures(paired, stages, cold_sc),
         # the same notebooks, each stage in a kernel of its own (`--engine stage-kernel`), in the same repeats
         "cold_repro_kernel_engine_s": cold_kernel,
         "ratio_kernel_engine": round(cold_kernel / cold_sc, 3),
@@ -734,16 +788,20 @@ def print_table(record: dict):
     for name in ("cold_repro_notebooks_s", "cold_repro_scripts_s", "ratio", "added_per_stage_s",
                  "cold_repro_kernel_engine_s", "ratio_kernel_engine", "added_per_stage_kernel_engine_s",
                  "cold_repro_notebooks_min_s", "cold_repro_scripts_min_s", "ratio_of_mins", "added_per_stage_of_mins_s",
+                 "ratio_paired", "added_per_stage_paired_s", "ratio_paired_kernel_engine",
+                 "added_per_stage_paired_kernel_engine_s",
                  "noop_repro_s", "noop_repro_cpu_s", "noop_floor_s", "noop_over_floor_s",
                  "mlflow_overhead_per_run_s", "mlflow_import_s"):
         goal = goals.get(name)
         verdict = "" if goal is None else f"  goal <= {goal['max']}: {'ok' if figures[name] <= goal['max'] else 'MISSED'}"
         print(f"  {name:28s} {figures[name]:8.3f}{verdict}")
     print(f"  {'ratio_per_repeat':28s} {figures['ratio_per_repeat']}")
-    print(f"\n  {'stage':10s} {'notebook':>9s} {'script':>9s} {'added':>8s} {'kernel':>9s}")
+    print(f"\n  {'stage':10s} {'notebook':>9s} {'script':>9s} {'added':>8s} {'kernel':>9s} {'paired: added':>14s} {'kernel':>7s}")
     for stage, seconds in figures["stage_s"]["notebooks"].items():
         script, kernel = figures["stage_s"]["scripts"][stage], figures["stage_s"]["kernel"][stage]
-        print(f"  {stage:10s} {seconds:9.2f} {script:9.2f} {seconds - script:8.2f} {kernel:9.2f}")
+        paired = figures["paired_added_s"]
+        print(f"  {stage:10s} {seconds:9.2f} {script:9.2f} {seconds - script:8.2f} {kernel:9.2f}"
+              f" {paired['notebooks'][stage]:14.2f} {paired['kernel'][stage]:7.2f}")
     if "breakdown_per_stage" in figures:
         parts = list(next(iter(figures["breakdown_per_stage"].values()))["parts"])
         stages = list(figures["breakdown_per_stage"])
@@ -779,7 +837,7 @@ def main():
             print("warming a private bytecode cache (one small, untimed repro) ...", flush=True)
             warm_bytecode_cache(snapshot, workdir, pycache)
         floor_project = make_floor_project(workdir, project_env(pycache=pycache))
-        runs, checks = [], []
+        runs, checks, paired = [], [], []
         for repeat in range(args.repeats):
             # Rotate which variant goes first, so drift in machine load hits every side alike.
             variants = ("notebooks", "scripts", "kernel")
@@ -793,6 +851,10 @@ def main():
                       flush=True)
             checks.append(check_same_results(results["notebooks"], results["scripts"]))
             check_same_results(results["notebooks"], results["kernel"])   # in process or in a kernel: same data
+            print(f"repeat {repeat + 1}/{args.repeats}: each stage once more in every variant, back to back ...",
+                  flush=True)
+            paired.append(paired_stage_runs({variant: results[variant]["project"] for variant in variants},
+                                            list(results["notebooks"]["cold"]["stages"]), pycache, workdir, repeat))
             runs.append(results)
             if repeat < args.repeats - 1 and not args.keep:
                 for result in results.values():   # keep the disk tidy; the last pair serves the probes
@@ -805,7 +867,7 @@ def main():
         mlflow_figures = json.loads(probe.stdout.strip().splitlines()[-1])
         tools = tool_timings(5, workdir, project_env(pycache=pycache))
 
-        record = build_record(args, runs, tools, mlflow_figures, checks)
+        record = build_record(args, runs, tools, mlflow_figures, checks, paired)
         RESULT.parent.mkdir(parents=True, exist_ok=True)
         RESULT.write_text(json.dumps(record, indent=2) + "\n")
         print_table(record)
