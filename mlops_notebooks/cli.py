@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         "audit", help="show which data, code and params produced a model version or run",
         description="Print the lineage, metrics and decision record of a registered model version or an MLflow run.")
     audit_parser.add_argument("target", help="models:/<name>@<alias>, models:/<name>/<version>, a version number "
-                                             "of the configured model, or a run id")
+                                             "of the configured model, a run id, or a prediction's request id")
     audit_parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     audit_parser.set_defaults(handler=audit)
     serve_parser = commands.add_parser(
