@@ -8,9 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 
 import pandas as pd
@@ -19,10 +21,17 @@ import yaml
 from .settings import DataError
 
 # %% auto #0
-__all__ = ['atomic_path', 'write_parquet', 'write_json', 'read_parquet', 'file_md5', 'git_state', 'dvc_locked_hashes', 'flatten',
-           'lineage_tags']
+__all__ = ['new_file_mode', 'atomic_path', 'atomic_directory', 'write_parquet', 'write_json', 'read_parquet', 'file_md5',
+           'git_state', 'dvc_locked_hashes', 'flatten', 'lineage_tags']
 
 # %% ../nbs/01_artifacts.ipynb #c004
+@cache
+def new_file_mode() -> int:
+    "The mode `open()` gives a new file here: 0o666 less the process umask."
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
 @contextmanager
 def atomic_path(target:Path|str, # the final path of the output
                ):
@@ -32,12 +41,37 @@ def atomic_path(target:Path|str, # the final path of the output
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     os.close(handle)
     temporary = Path(temporary)
+    os.chmod(temporary, new_file_mode())  # mkstemp's 0600 would make every output private to its writer
     try:
         yield temporary
         os.replace(temporary, target)
     finally:
         if temporary.exists():
             temporary.unlink()
+
+@contextmanager
+def atomic_directory(target:Path|str, # the final path of the folder output
+                    ):
+    "Yield a path (not yet created) beside `target` to build a folder in; on success it replaces `target`."
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        built = staging / target.name
+        yield built
+        if not built.is_dir():
+            raise FileNotFoundError(f"{target}: nothing was built to replace it with")
+        previous = staging / "previous"
+        if target.exists():
+            target.rename(previous)
+        try:
+            built.rename(target)
+        except OSError:
+            if previous.exists():
+                previous.rename(target)
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 def write_parquet(frame:pd.DataFrame, target:Path|str):
     "Write `frame` to Parquet at `target`, atomically."

@@ -102,3 +102,55 @@ def test_a_missing_input_names_the_stage_that_makes_it(tmp_path):
     assert ("DataError: " + str(project / "data/interim/claims.parquet") +
             ": input not found; it is written by the 'validate' stage") in result.stderr
     assert not (project / "data/processed").exists()
+
+
+# --- a failed stage destroys nothing ---------------------------------------------------------------------------
+
+def _copy_of_a_good_run(repro_project, destination):
+    "A copy of the project after a good `dvc repro` (the shared one stays as it is)."
+    import shutil
+    shutil.copytree(repro_project, destination, symlinks=True)
+    return destination
+
+
+def _fingerprints(project, paths):
+    from mlops_notebooks.artifacts import file_md5
+    return {path: file_md5(project / path) for path in paths}
+
+
+def test_a_stage_stopped_by_a_bad_param_keeps_the_last_good_outputs(repro_project, tmp_path):
+    import json
+    project = _copy_of_a_good_run(repro_project, tmp_path / "project")
+    kept = ["models/claims_cost_model/MLmodel", "models/claims_cost_model/model.pkl", "models/train_run.json",
+            "reports/metrics.json", "reports/register_decision.json", "data/processed/train.parquet"]
+    before = _fingerprints(project, kept)
+    _with_params(project, {"train": {"learning_rat": 0.3}})
+    output = _failure(project)
+    # one line for the error, one for where the notebook stopped; no traceback through papermill
+    assert "ParamsError: params.yaml: train.learning_rat: unknown key\n(nbs/05_train.ipynb stopped at cell [" in output
+    assert "Traceback" not in output, output
+    assert _fingerprints(project, kept) == before, "the last good model and everything downstream stay as they were"
+    status = json.loads(dvc(project, "status", "--json").stdout)
+    assert "deleted" not in json.dumps(status), status
+    changed_outs = [entry["changed outs"] for entry in status["train"] if "changed outs" in entry]
+    assert changed_outs == [{"reports/05_train.ipynb": "modified"}], status["train"]  # the failed run's record
+    assert [path.name for path in (project / "models").iterdir() if path.name.startswith(".")] == []
+
+
+def test_a_failed_register_keeps_the_decision_record_dvc_does_not_cache(repro_project, tmp_path):
+    project = _copy_of_a_good_run(repro_project, tmp_path / "project")
+    before = _fingerprints(project, ["reports/register_decision.json"])
+    _with_params(project, {"register": {"min_relative_improvement": "high"}})
+    output = _failure(project)
+    assert "ParamsError: params.yaml: register.min_relative_improvement: input should be a valid number" in output
+    assert _fingerprints(project, ["reports/register_decision.json"]) == before
+
+
+def test_a_valid_rule_of_ones_own_passes_the_register_stage(repro_project, tmp_path):
+    "The register notebook's examples use their own rule, not the user's: any valid rule runs."
+    project = _copy_of_a_good_run(repro_project, tmp_path / "project")
+    _with_params(project, {"register": {"primary_metric": "rmse", "max_prediction_ratio": 1.5}})
+    dvc(project, "repro", "register")
+    import json
+    decision = json.loads((project / "reports/register_decision.json").read_text())
+    assert decision["rule"]["primary_metric"] == "rmse" and decision["rule"]["max_prediction_ratio"] == 1.5

@@ -64,7 +64,7 @@ def test_a_contract_change_makes_dvc_yaml_stale_until_it_is_generated(tmp_path):
 def test_a_hand_edit_of_dvc_yaml_is_stale_and_handwritten_stages_survive(tmp_path):
     project = contract_copy(tmp_path)
     text = (project / "dvc.yaml").read_text()
-    (project / "dvc.yaml").write_text(text.replace("      - reports/metrics.json\n", "", 1))
+    (project / "dvc.yaml").write_text(text.replace("    metrics:\n      - reports/metrics.json:\n          persist: true\n", "", 1))
     problems = check_project(project)
     assert len(problems) == 1 and problems[0].startswith("dvc.yaml is stale: stage 'evaluate' (nbs/06_evaluate.ipynb)")
 
@@ -74,7 +74,7 @@ def test_a_hand_edit_of_dvc_yaml_is_stale_and_handwritten_stages_survive(tmp_pat
     run([CLI, "stages", "generate"], project)
     generated = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
     assert list(generated)[-1] == "fetch" and generated["fetch"]["outs"] == ["data/sources/claims.csv"]
-    assert generated["evaluate"]["metrics"] == ["reports/metrics.json"]
+    assert generated["evaluate"]["metrics"] == [{"reports/metrics.json": {"persist": True}}]
     assert check_project(project) == []
     run([CLI, "stages", "generate"], project)  # regenerating again keeps it
     assert "fetch" in yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
