@@ -57,6 +57,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                      'mlops_notebooks.cli.format_report': ('cli.html#format_report', 'mlops_notebooks/cli.py'),
                                      'mlops_notebooks.cli.lineage_report': ('cli.html#lineage_report', 'mlops_notebooks/cli.py'),
                                      'mlops_notebooks.cli.main': ('cli.html#main', 'mlops_notebooks/cli.py'),
+                                     'mlops_notebooks.cli.port_number': ('cli.html#port_number', 'mlops_notebooks/cli.py'),
                                      'mlops_notebooks.cli.request_record': ('cli.html#request_record', 'mlops_notebooks/cli.py'),
                                      'mlops_notebooks.cli.resolve_target': ('cli.html#resolve_target', 'mlops_notebooks/cli.py'),
                                      'mlops_notebooks.cli.score': ('cli.html#score', 'mlops_notebooks/cli.py'),

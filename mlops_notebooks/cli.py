@@ -13,16 +13,16 @@ import sys
 from .settings import UserError, configure_mlflow, load_settings, project_root
 
 # %% auto #0
-__all__ = ['resolve_target', 'request_record', 'lineage_report', 'format_report', 'audit', 'serve', 'score', 'build_parser',
-           'main']
+__all__ = ['resolve_target', 'request_record', 'lineage_report', 'format_report', 'audit', 'serve', 'score', 'port_number',
+           'build_parser', 'main']
 
 # %% ../nbs/08_cli.ipynb #c004
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _REQUEST_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
-def resolve_target(client, target:str, default_name:str):
-    "(model version or None, run id) for a models:/ URI, a version number or a run id."
+def resolve_target(client, target:str, default_name:str, command:str="audit"):
+    "(model version or None, run id) for a models:/ URI, a version number or a run id; errors name `command`."
     from mlflow.exceptions import MlflowException
     match = _MODEL_URI.match(target)
     try:
@@ -40,9 +40,10 @@ def resolve_target(client, target:str, default_name:str):
             versions = client.search_model_versions(f"run_id='{target}'")
             return (min(versions, key=lambda v: int(v.version)) if versions else None), target
     except MlflowException as error:
-        raise UserError(f"audit {target}: not found in the registry ({str(error).splitlines()[0]})") from None
-    raise UserError(f"audit {target}: expected models:/<name>@<alias>, models:/<name>/<version>, "
-                    "a version number, a 32-character run id or a request id")
+        raise UserError(f"{command} {target}: not found in the registry ({str(error).splitlines()[0]})") from None
+    also = " or a prediction's request id" if command == "audit" else ""  # only audit looks requests up
+    raise UserError(f"{command} {target}: expected models:/<name>@<alias>, models:/<name>/<version>, "
+                    f"a version number, a 32-character run id{also}")
 
 def request_record(prediction_log, request_id:str) -> dict:
     "What the prediction log holds about one request: time, model name and version, rows and predictions."
@@ -140,13 +141,23 @@ def score(args) -> int:
     configure_mlflow(settings, root)
     client = MlflowClient()
     version, _ = resolve_target(client, args.model or f"models:/{settings.registered_model_name}@champion",
-                                settings.registered_model_name)
+                                settings.registered_model_name, command="score --model")
     if version is None:
         raise UserError(f"score --model {args.model}: that run has no registered model version")
     champion = load_champion(client, version.name, version)
     scored = score_file(champion, args.claims, args.output)
     print(f"scored {len(scored)} claims with {champion.name} version {champion.version} -> {args.output}")
     return 0
+
+def port_number(text:str) -> int:
+    "A TCP port from the command line, 1 to 65535 (a larger one would silently wrap around to another port)."
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port number is 1 to 65535, got {port}")
+    return port
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlops-notebooks", description="The claims-cost project's command line.")
@@ -163,15 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start the prediction service on service_host:service_port from settings.ini. It follows the "
                     "registry's champion alias and logs every prediction to settings.ini's prediction_log.")
     serve_parser.add_argument("--host", help="bind address (default: settings.ini service_host)")
-    serve_parser.add_argument("--port", type=int, help="port (default: settings.ini service_port)")
+    serve_parser.add_argument("--port", type=port_number, help="port (default: settings.ini service_port)")
     serve_parser.set_defaults(handler=serve)
     score_parser = commands.add_parser(
         "score", help="score a CSV/Parquet file of claims with the champion",
         description="Write the claims with prediction, model_name, model_version and scored_at columns.")
     score_parser.add_argument("claims", help="input claims, .csv or .parquet")
     score_parser.add_argument("output", help="output file, .csv or .parquet")
-    score_parser.add_argument("--model", help="models:/<name>@<alias>, models:/<name>/<version> or a version number "
-                                              "(default: the champion)")
+    score_parser.add_argument("--model", help="models:/<name>@<alias>, models:/<name>/<version>, a version number "
+                                              "or a run id (default: the champion)")
     score_parser.set_defaults(handler=score)
     from mlops_notebooks.contracts import add_contract_commands  # stages generate|check, add-stage
     add_contract_commands(commands)

@@ -731,6 +731,8 @@ def _exit_quietly(signum, frame):
     raise SystemExit(0)
 
 # %% ../nbs/09_serve.ipynb #c028
+_NUMBER_KINDS = ("double", "float", "long", "integer")
+
 def score_frame(champion:Champion, claims:pd.DataFrame, source:str="claims") -> pd.DataFrame:
     "The claims with the champion's prediction, name and version; `DataError` naming bad rows and columns."
     names = [column.name for column in champion.columns]
@@ -740,6 +742,12 @@ def score_frame(champion:Champion, claims:pd.DataFrame, source:str="claims") -> 
     if len(claims) == 0:
         raise DataError(f"{source}: no rows to score")
     inputs = claims[names].astype(object).where(claims[names].notna(), None)
+    for column in champion.columns:
+        if column.kind in _NUMBER_KINDS and not pd.api.types.is_numeric_dtype(claims[column.name]):
+            # One unreadable cell makes pandas read a CSV column as text: take the cells that are numbers as
+            # numbers, so that only the bad ones are reported.
+            numbers = pd.to_numeric(claims[column.name], errors="coerce")
+            inputs[column.name] = numbers.astype(object).where(numbers.notna(), inputs[column.name])
     records = inputs.to_dict("records")
     for record in records:  # numpy scalars from pandas to plain Python values, as JSON would give them
         for name, value in record.items():
@@ -772,10 +780,15 @@ def score_file(champion:Champion, source:Path|str, target:Path|str) -> pd.DataFr
     target = Path(target)
     if target.suffix.lower() not in (".csv", ".parquet", ".pq"):
         raise UserError(f"{target}: unsupported output type '{target.suffix}' (use .csv or .parquet)")
+    if target.is_dir():
+        raise UserError(f"{target}: is a folder; name the output file (.csv or .parquet)")
     scored = score_frame(champion, read_claims_file(source), str(source))
-    with atomic_path(target) as temporary:
-        if target.suffix.lower() == ".csv":
-            scored.to_csv(temporary, index=False)
-        else:
-            scored.to_parquet(temporary, index=False)
+    try:
+        with atomic_path(target) as temporary:
+            if target.suffix.lower() == ".csv":
+                scored.to_csv(temporary, index=False)
+            else:
+                scored.to_parquet(temporary, index=False)
+    except OSError as error:  # e.g. a parent that is a file, a read-only folder, a full disk
+        raise UserError(f"{target}: cannot write the scored claims there ({error.strerror or error})") from None
     return scored

@@ -105,12 +105,18 @@ def load_settings(root:Path|str|None=None, # project root; found from the curren
         values[field.name] = field.default if raw is None or raw == "" else raw
     for name, kind, label in [("service_port", int, "an integer"), ("max_records_per_request", int, "an integer"),
                               ("model_poll_seconds", float, "a number")]:
+        variable = ENV_PREFIX + name.upper()
+        origin = f"{variable} (from the environment)" if variable in environ else f"{path}: [mlops] {name}"
         try:
             values[name] = kind(values[name])
         except ValueError:
-            raise UserError(f"{path}: [mlops] {name} must be {label}, got {values[name]!r}") from None
+            raise UserError(f"{origin} must be {label}, got {values[name]!r}") from None
         if not values[name] > 0:
-            raise UserError(f"{path}: [mlops] {name} must be positive, got {values[name]!r}")
+            raise UserError(f"{origin} must be positive, got {values[name]!r}")
+    if values["service_port"] > 65535:  # the socket layer would take it modulo 65536: another service's port
+        variable = ENV_PREFIX + "SERVICE_PORT"
+        origin = f"{variable} (from the environment)" if variable in environ else f"{path}: [mlops] service_port"
+        raise UserError(f"{origin} must be a port number from 1 to 65535, got {values['service_port']}")
     values["tracking_uri"] = _anchor_sqlite(values["tracking_uri"], root)
     values["prediction_log"] = str((root / values["prediction_log"]).resolve())  # an absolute path stays as it is
     values["champion_snapshot"] = str((root / values["champion_snapshot"]).resolve())
