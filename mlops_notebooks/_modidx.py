@@ -270,6 +270,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                         'mlops_notebooks.ingest._months_since': ('ingest.html#_months_since', 'mlops_notebooks/ingest.py'),
                                         'mlops_notebooks.ingest.append_incoming': ( 'ingest.html#append_incoming',
                                                                                     'mlops_notebooks/ingest.py'),
+                                        'mlops_notebooks.ingest.first_non_utf8': ( 'ingest.html#first_non_utf8',
+                                                                                   'mlops_notebooks/ingest.py'),
                                         'mlops_notebooks.ingest.generate_claims': ( 'ingest.html#generate_claims',
                                                                                     'mlops_notebooks/ingest.py'),
                                         'mlops_notebooks.ingest.incoming_files': ( 'ingest.html#incoming_files',

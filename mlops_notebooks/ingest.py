@@ -15,10 +15,10 @@ from pydantic import Field, field_validator, model_validator
 from .settings import DataError, StageParams
 
 # %% auto #0
-__all__ = ['Objective', 'Aggregation', 'DEVIANCE_POWER', 'CLAIMS_DATA', 'LINES_OF_BUSINESS', 'CLAIM_TYPES', 'REGIONS',
+__all__ = ['Objective', 'Aggregation', 'DEVIANCE_POWER', 'CLAIMS_DATA', 'LINES_OF_BUSINESS', 'CLAIM_TYPES', 'REGIONS', 'NEWLINE',
            'read_claims_file', 'INCOMING_SUFFIXES', 'RAW_CLAIMS', 'JoinedTable', 'DataParams', 'DriftKnobs',
-           'IngestParams', 'generate_claims', 'read_table', 'join_aggregated', 'incoming_files', 'append_incoming',
-           'ingest_claims', 'ingest_stage']
+           'IngestParams', 'generate_claims', 'first_non_utf8', 'read_table', 'join_aggregated', 'incoming_files',
+           'append_incoming', 'ingest_claims', 'ingest_stage']
 
 # %% ../nbs/02_ingest.ipynb #c005
 Objective = Literal["squared_error", "poisson", "gamma", "tweedie"]
@@ -96,7 +96,7 @@ def _check_month(value:str) -> str:
         try:
             pd.Period(value, freq="M")
         except (ValueError, TypeError):
-            raise ValueError(f"expected a month as YYYY-MM, got {value!r}") from None
+            raise ValueError("expected a month as YYYY-MM") from None  # the message adds (got ...)
     return value
 
 class DriftKnobs(StageParams):
@@ -218,6 +218,27 @@ def generate_claims(n_claims:int,              # number of claims
     })
 
 # %% ../nbs/02_ingest.ipynb #c018
+def first_non_utf8(path:Path) -> str|None:
+    "Where `path` stops being UTF-8: the first bad byte's offset and line (None if every byte is fine)."
+    # pandas decodes in blocks and reports a position inside the failing block; read the bytes once more to
+    # name the real one.
+    offset, line, carry = 0, 1, b""
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            data = carry + block
+            try:
+                data.decode("utf-8")
+                good, carry = data, b""
+            except UnicodeDecodeError as error:
+                if error.reason == "unexpected end of data":  # a character cut by the end of the block
+                    good, carry = data[:error.start], data[error.start:]
+                else:
+                    return f"{error.reason} at byte {offset + error.start:,}, line {line + data.count(NEWLINE, 0, error.start):,}"
+            offset, line = offset + len(good), line + good.count(NEWLINE)
+    return f"a character cut short at byte {offset:,}, the end of the file" if carry else None
+
+NEWLINE = b"\n"
+
 def read_table(path:Path|str,          # a .csv or .parquet file
                param:str="data.source", # the params.yaml key that named it, for messages
               ) -> pd.DataFrame:
@@ -242,7 +263,7 @@ def read_table(path:Path|str,          # a .csv or .parquet file
     except pd.errors.ParserError as error:
         raise DataError(f"{path}: not a well-formed CSV: {str(error).strip()}") from None
     except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        raise DataError(f"{path}: not UTF-8 text ({first_non_utf8(path) or error.reason})") from None
     except (OSError, ValueError) as error:  # pyarrow raises these for a corrupt Parquet file
         raise DataError(f"{path}: cannot read it as {suffix[1:]}: {error}") from None
     if table.columns.duplicated().any():
