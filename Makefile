@@ -89,7 +89,7 @@ retrain: $(STAMP)
 
 # Months of generated claims with drift (the `replay` section of params.yaml): reports/replay/.
 replay: $(STAMP)
-	$(BIN)/python -m mlops_notebooks.replay
+	$(BIN)/python -m mlops_notebooks.tools.replay
 
 # Regenerate the lock file after changing dependencies in pyproject.toml.
 lock: $(STAMP)
@@ -98,7 +98,7 @@ lock: $(STAMP)
 # The documentation site: pages from the notebooks, docs/*.md, the latest run's reports/ and the registry (MkDocs Material).
 DOCS_PORT ?= 8001
 docs: $(STAMP)
-	$(BIN)/python -m mlops_notebooks.docs
+	$(BIN)/python -m mlops_notebooks.tools.docs
 
 docs-serve: docs
 	$(BIN)/python -m http.server --bind 127.0.0.1 --directory _docs $(DOCS_PORT)

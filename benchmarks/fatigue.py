@@ -33,11 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def sections():
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    from mlops_notebooks.ingest import DataParams
-    from mlops_notebooks.monitor import MonitorParams
-    from mlops_notebooks.register import RegisterParams
-    from mlops_notebooks.replay import ReplayParams
-    from mlops_notebooks.train import TrainParams
+    from mlops_notebooks.stages.schema import DataParams
+    from mlops_notebooks.stages.monitor import MonitorParams
+    from mlops_notebooks.stages.register import RegisterParams
+    from mlops_notebooks.tools.replay import ReplayParams
+    from mlops_notebooks.stages.train import TrainParams
     return (DataParams(**params["data"]), TrainParams(**params["train"]), RegisterParams(**params["register"]),
             MonitorParams(**params["monitor"]), ReplayParams(**params["replay"]))
 
@@ -45,7 +45,7 @@ def sections():
 def replays(seeds: list[int]) -> dict:
     import matplotlib
     matplotlib.use("Agg")
-    from mlops_notebooks.replay import replay_months, summarise, write_replay
+    from mlops_notebooks.tools.replay import replay_months, summarise, write_replay
     data, train, rule, monitor, replay = sections()
     runs = []
     for seed in seeds:
@@ -77,10 +77,10 @@ def replays(seeds: list[int]) -> dict:
 
 def false_alarms(seeds: int, months_per_seed: int) -> dict:
     import pandas as pd
-    from mlops_notebooks.features import select_features, split_by_month
-    from mlops_notebooks.ingest import generate_claims
-    from mlops_notebooks.monitor import monitor_batch
-    from mlops_notebooks.train import fit_model
+    from mlops_notebooks.stages.features import select_features, split_by_month
+    from mlops_notebooks.stages.generator import generate_claims
+    from mlops_notebooks.stages.monitor import monitor_batch
+    from mlops_notebooks.stages.train import fit_model
     data, train, _, monitor, replay = sections()
     per_month, history = replay.claims_per_month, replay.history_months
     verdicts = []
@@ -102,10 +102,10 @@ def false_alarms(seeds: int, months_per_seed: int) -> dict:
 
 def monitor_speed(rows: int, repeats: int) -> dict:
     import numpy as np
-    from mlops_notebooks.features import select_features
-    from mlops_notebooks.ingest import generate_claims
-    from mlops_notebooks.monitor import monitor_batch
-    from mlops_notebooks.train import fit_model
+    from mlops_notebooks.stages.features import select_features
+    from mlops_notebooks.stages.generator import generate_claims
+    from mlops_notebooks.stages.monitor import monitor_batch
+    from mlops_notebooks.stages.train import fit_model
     data, train, _, monitor, _ = sections()
     claims = select_features(generate_claims(240_000, "2022-01", 24, seed=1), data)
     reference, evaluation = claims.iloc[:200_000], claims.iloc[200_000:]

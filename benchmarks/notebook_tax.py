@@ -475,10 +475,10 @@ def probe_mlflow(project: Path, runs: int) -> dict:
     os.chdir(project)
     import mlflow  # noqa: F401  (the brief: time runs after `import mlflow`)
     import mlops_notebooks
-    from mlops_notebooks.artifacts import flatten, lineage_tags, read_parquet
-    from mlops_notebooks.ingest import DataParams
-    from mlops_notebooks.settings import configure_mlflow, load_settings, parse_params
-    from mlops_notebooks.train import TrainParams, feature_frame, fit_model, log_training_run
+    from mlops_notebooks.core.artifacts import flatten, lineage_tags, read_parquet
+    from mlops_notebooks.stages.schema import DataParams
+    from mlops_notebooks.core.settings import configure_mlflow, load_settings, parse_params
+    from mlops_notebooks.stages.train import TrainParams, feature_frame, fit_model, log_training_run
     assert Path(mlops_notebooks.__file__).resolve().is_relative_to(project.resolve()), mlops_notebooks.__file__
 
     params = yaml.safe_load((project / "params.yaml").read_text())
@@ -514,7 +514,7 @@ def probe_mlflow(project: Path, runs: int) -> dict:
 # ---------------------------------------------------------------- the benchmark
 
 # The small params the end-to-end tests use: the warm-up repro is quick and every stage runs its real code path.
-WARMUP_PARAMS = yaml.safe_load((REPO / "tests" / "small_params.yaml").read_text())
+WARMUP_PARAMS = yaml.safe_load((REPO / "params.small.yaml").read_text())
 
 
 def merge(base: dict, override: dict) -> dict:

@@ -35,11 +35,11 @@ CHUNK = 1_000_000
 def step(name: str, folder: Path, scheduler: str):
     import numpy as np
     import pandas as pd
-    from mlops_notebooks.artifacts import write_parquet
-    from mlops_notebooks.evaluate import cost_metrics
-    from mlops_notebooks.features import FeaturesParams, select_features, split_claims
-    from mlops_notebooks.ingest import DataParams
-    from mlops_notebooks.train import TrainParams, feature_frame, fit_model
+    from mlops_notebooks.core.artifacts import write_parquet
+    from mlops_notebooks.stages.evaluate import cost_metrics
+    from mlops_notebooks.stages.features import FeaturesParams, select_features, split_claims
+    from mlops_notebooks.stages.schema import DataParams
+    from mlops_notebooks.stages.train import TrainParams, feature_frame, fit_model
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     data, features = DataParams(**params["data"]), FeaturesParams(**params["features"])
     started = time.perf_counter()
@@ -51,7 +51,8 @@ def step(name: str, folder: Path, scheduler: str):
         write_parquet(test, folder / "pandas-test.parquet")
         result["rows"] = [len(train), len(test)]
     elif name == "features-dask":
-        from mlops_notebooks.cluster import cluster_client, features_on_cluster
+        from mlops_notebooks.core.cluster import cluster_client
+        from mlops_notebooks.stages.features_dask import features_on_cluster
         with cluster_client(scheduler) as client:
             counts = features_on_cluster(client, folder / "claims.parquet", data, features,
                                          folder / "dask-train.parquet", folder / "dask-test.parquet")
@@ -62,7 +63,8 @@ def step(name: str, folder: Path, scheduler: str):
         if name == "train-hgb":
             model = fit_model(pd.read_parquet(folder / "pandas-train.parquet"), data, train_params)
         else:
-            from mlops_notebooks.cluster import cluster_client, fit_on_cluster
+            from mlops_notebooks.core.cluster import cluster_client
+            from mlops_notebooks.stages.train_dask import fit_on_cluster
             with cluster_client(scheduler) as client:
                 model = fit_on_cluster(client, folder / "pandas-train.parquet", data,
                                        train_params.model_copy(update={"estimator": "xgboost"}))
@@ -91,7 +93,7 @@ def generate(folder: Path, rows: int):
     "`rows` synthetic claims over 24 report months, a million at a time, into folder/claims.parquet."
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from mlops_notebooks.ingest import generate_claims
+    from mlops_notebooks.stages.generator import generate_claims
     writer = None
     for number, first in enumerate(range(0, rows, CHUNK)):
         chunk = generate_claims(min(CHUNK, rows - first), "2021-01", 24, seed=number, first_claim_id=first + 1)
@@ -117,7 +119,7 @@ def main():
     if args.step:
         return step(args.step, Path(args.folder), args.scheduler)
 
-    from mlops_notebooks.team import StackInfo, StackPorts, start_dask, stop_process
+    from mlops_notebooks.tools.team import StackInfo, StackPorts, start_dask, stop_process
     figures, details = {}, {}
     with tempfile.TemporaryDirectory(prefix="scale-out-") as scratch:
         scratch = Path(scratch)

@@ -13,8 +13,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-# Overrides of params.yaml that keep a full `dvc repro` to seconds (shared with benchmarks/notebook_tax.py).
-SMALL_PARAMS = yaml.safe_load((REPO / "tests" / "small_params.yaml").read_text())
+# params.small.yaml: the overrides of params.yaml that keep a full `dvc repro` to seconds.
+SMALL_PARAMS = yaml.safe_load((REPO / "params.small.yaml").read_text())
 
 
 def project_env() -> dict:

@@ -46,7 +46,7 @@ def test_a_broken_csv_is_named(tmp_path):
 
 
 def _claims_csv(project, rows=2000):
-    from mlops_notebooks.ingest import generate_claims
+    from mlops_notebooks.stages.generator import generate_claims
     return generate_claims(rows, "2023-01", 12, seed=0)
 
 
@@ -114,7 +114,7 @@ def _copy_of_a_good_run(repro_project, destination):
 
 
 def _fingerprints(project, paths):
-    from mlops_notebooks.artifacts import file_md5
+    from mlops_notebooks.core.artifacts import file_md5
     return {path: file_md5(project / path) for path in paths}
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 import yaml
 
 from conftest import BIN, REPO, copy_project, dvc, run
-from mlops_notebooks.contracts import check_project
+from mlops_notebooks.tools.pipeline import check_project
 
 CLI = str(BIN / "mlops-notebooks")
 
@@ -126,7 +126,7 @@ def test_a_malformed_contract_is_one_line_naming_the_notebook(tmp_path):
 GUARDED_READS = textwrap.dedent("""
     import json, sys
     import pandas as pd
-    from mlops_notebooks.contracts import UndeclaredRead, guard_undeclared_reads
+    from mlops_notebooks.core.contracts import UndeclaredRead, guard_undeclared_reads
     guard_undeclared_reads("features")
     results = {}
     def attempt(name, read):

@@ -13,7 +13,7 @@ import pytest
 
 from chromium import Chromium
 from conftest import BIN, REPO, copy_project, run
-from mlops_notebooks.docs import NO_REPORTS, broken_links, library_notebooks
+from mlops_notebooks.tools.docs import NO_REPORTS, broken_links, library_notebooks
 
 ARTIFACTS = REPO / "tests" / "artifacts"  # screenshots, kept for people to look at (git-ignored)
 SCREENSHOTS = {"index.html": "home.png", "api/04_features.html": "api_features.png",
@@ -22,7 +22,7 @@ SCREENSHOTS = {"index.html": "home.png", "api/04_features.html": "api_features.p
 
 def build_docs(project: Path, check: bool = True):
     "What `make docs` runs, in `project`."
-    return run([str(BIN / "python"), "-m", "mlops_notebooks.docs"], project, check=check)
+    return run([str(BIN / "python"), "-m", "mlops_notebooks.tools.docs"], project, check=check)
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):

@@ -11,9 +11,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from mlops_notebooks.ingest import DataParams, IngestParams, ingest_stage
-from mlops_notebooks.settings import UserError
-from mlops_notebooks.validate import ValidateParams, validate_stage
+from mlops_notebooks.stages.ingest import IngestParams, ingest_stage
+from mlops_notebooks.stages.schema import DataParams
+from mlops_notebooks.core.settings import UserError
+from mlops_notebooks.stages.validate import ValidateParams, validate_stage
 
 # A small policy table with every role: id, period, a category, a number, exposure as weight, and a count target.
 DECLARED = DataParams(source="data/sources/policies.csv", id="policy_id", target="claims", weight="exposure",

@@ -8,11 +8,11 @@ import pytest
 import yaml
 
 from conftest import dvc, set_params
-from mlops_notebooks.artifacts import file_md5
-from mlops_notebooks.features import select_features, split_by_month
-from mlops_notebooks.ingest import CLAIMS_DATA, DriftKnobs, generate_claims
-from mlops_notebooks.monitor import MonitorParams, monitor_batch
-from mlops_notebooks.train import TrainParams, fit_model
+from mlops_notebooks.core.artifacts import file_md5
+from mlops_notebooks.stages.features import select_features, split_by_month
+from mlops_notebooks.stages.generator import CLAIMS_DATA, DriftKnobs, generate_claims
+from mlops_notebooks.stages.monitor import MonitorParams, monitor_batch
+from mlops_notebooks.stages.train import TrainParams, fit_model
 
 RULES = MonitorParams(min_rows=100)  # the thresholds of params.yaml, smaller batches allowed
 PER_MONTH = 1000

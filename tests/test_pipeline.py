@@ -8,7 +8,7 @@ import mlflow
 import yaml
 
 from conftest import copy_project, dvc, merge, write_params
-from mlops_notebooks.artifacts import file_md5
+from mlops_notebooks.core.artifacts import file_md5
 
 
 def _declared_outputs(project):

@@ -21,7 +21,7 @@ SMALL_REPLAY = {
 def replayed(tmp_path_factory):
     project = copy_project(tmp_path_factory.mktemp("replay"))
     set_params(project, SMALL_REPLAY)
-    result = run([sys.executable, "-m", "mlops_notebooks.replay"], project)
+    result = run([sys.executable, "-m", "mlops_notebooks.tools.replay"], project)
     return project, result
 
 
@@ -80,7 +80,7 @@ def test_every_promotion_has_its_decision_record(replayed):
 def test_the_replay_refuses_a_declared_file_clearly(tmp_path):
     project = copy_project(tmp_path / "project")
     set_params(project, {**SMALL_REPLAY, "data": {"source": "data/sources/claims.csv"}})
-    result = run([sys.executable, "-m", "mlops_notebooks.replay"], project, check=False)
+    result = run([sys.executable, "-m", "mlops_notebooks.tools.replay"], project, check=False)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
         "ParamsError: params.yaml: the replay generates claims: it needs data.source: '' and data.period set")

@@ -34,10 +34,10 @@ NEW_CHAMPION_SCRIPT = """
 import json, sys
 import mlflow, pandas as pd, yaml
 from mlflow import MlflowClient
-from mlops_notebooks.ingest import DataParams
-from mlops_notebooks.train import TrainParams, feature_frame, fit_model, log_training_run
-from mlops_notebooks.settings import configure_mlflow, load_settings, project_root
-from mlops_notebooks.serve import Champion
+from mlops_notebooks.stages.schema import DataParams
+from mlops_notebooks.stages.train import TrainParams, feature_frame, fit_model, log_training_run
+from mlops_notebooks.core.settings import configure_mlflow, load_settings, project_root
+from mlops_notebooks.serving.serve import Champion
 root = project_root()
 configure_mlflow(load_settings(root), root)
 features = DataParams(**yaml.safe_load(open("params.yaml"))["data"])
@@ -124,7 +124,7 @@ def champion_predictions(project: Path, version: int, records: list[dict]) -> li
 
 
 def prediction_log(project: Path) -> pd.DataFrame:
-    from mlops_notebooks.serve import read_prediction_log
+    from mlops_notebooks.core.predictions import read_prediction_log
     return read_prediction_log(project / "predictions.db")
 
 
@@ -177,7 +177,7 @@ def test_answers_predictions_of_the_champion(service, project):
 
 
 def test_the_trees_are_compiled_in_the_background_when_there_is_a_compiler(service, project):
-    from mlops_notebooks.serve import c_compiler
+    from mlops_notebooks.serving.serve import c_compiler
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         predictor = requests.get(service.url + "/model", timeout=5).json()["predictor"]

@@ -59,7 +59,7 @@ def test_every_stage_notebook_is_a_dvc_stage():
 
 def test_dvc_yaml_is_generated_and_params_agree_with_the_contracts():
     "dvc.yaml is what the notebooks' contracts generate; params.yaml, parameters cells and contracts agree."
-    from mlops_notebooks.contracts import check_project
+    from mlops_notebooks.tools.pipeline import check_project
     problems = check_project(REPO)
     assert not problems, "\n".join(problems)
 
@@ -67,7 +67,7 @@ def test_dvc_yaml_is_generated_and_params_agree_with_the_contracts():
 @pytest.mark.parametrize("example", sorted(path.name for path in (REPO / "examples/fremtpl2").glob("*.yaml")))
 def test_the_example_params_files_agree_with_the_contracts(example, tmp_path):
     "`make fremtpl2-*` makes an example the params.yaml: `make test` must still pass afterwards."
-    from mlops_notebooks.contracts import lint_params
+    from mlops_notebooks.tools.pipeline import lint_params
     for name in ("nbs", "mlops_notebooks"):
         shutil.copytree(REPO / name, tmp_path / name)
     shutil.copy(REPO / "examples/fremtpl2" / example, tmp_path / "params.yaml")

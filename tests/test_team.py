@@ -1,5 +1,5 @@
 """The shared team setup, end to end on loopback: the team stack (PostgreSQL, `mlflow server` with basic auth and S3
-artifacts, SeaweedFS, a Dask scheduler with two workers) is started by `mlops_notebooks.team.start_stack` and
+artifacts, SeaweedFS, a Dask scheduler with two workers) is started by `mlops_notebooks.tools.team.start_stack` and
 stopped by pid; the unchanged pipeline runs against it with team settings from the environment."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from conftest import BIN, SMALL_PARAMS, copy_project, dvc, merge, project_env, run
-from mlops_notebooks.team import StackPorts, alive, free_port, load_stack, s3_client, start_stack, stop_stack
+from mlops_notebooks.tools.team import StackPorts, alive, free_port, load_stack, s3_client, start_stack, stop_stack
 
 MODEL = "claims-cost"
 # XGBoost, so that training runs on the Dask cluster (scikit-learn's booster trains in process).
@@ -131,9 +131,10 @@ def test_pipeline_on_the_team_stack(stack, team_project, monkeypatch):
         pipeline = mlflow.sklearn.load_model(f"models:/{MODEL}@champion")
     assert type(pipeline.named_steps["model"]).__name__ == "XGBRegressor"
     # The cluster's outputs are the embedded default's: the same claims, the same checks, the same split.
-    from mlops_notebooks.features import FeaturesParams, split_claims, select_features
-    from mlops_notebooks.ingest import DataParams, IngestParams, ingest_claims
-    from mlops_notebooks.validate import ValidateParams, check_claims
+    from mlops_notebooks.stages.features import FeaturesParams, split_claims, select_features
+    from mlops_notebooks.stages.ingest import IngestParams, ingest_claims
+    from mlops_notebooks.stages.schema import DataParams
+    from mlops_notebooks.stages.validate import ValidateParams, check_claims
     import yaml
     params = yaml.safe_load((team_project / "params.yaml").read_text())
     declared = DataParams(**params["data"])
@@ -224,7 +225,7 @@ def test_no_credentials_anywhere(stack, team_project, monkeypatch):
 
 
 def test_stack_needs_credentials(tmp_path):
-    from mlops_notebooks.settings import UserError
+    from mlops_notebooks.core.settings import UserError
     with pytest.raises(UserError, match="AWS_SECRET_ACCESS_KEY not set"):
         start_stack(tmp_path / "stack", StackPorts.free(), environ={"MLFLOW_TRACKING_USERNAME": "a",
                                                                     "MLFLOW_TRACKING_PASSWORD": "b",
