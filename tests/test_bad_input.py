@@ -96,8 +96,9 @@ def test_too_many_bad_rows_stop_validation_naming_column_and_problem(tmp_path):
 
 def test_a_missing_input_names_the_stage_that_makes_it(tmp_path):
     project = copy_project(tmp_path)
-    result = run([str(BIN / "papermill"), "--log-level", "ERROR", "nbs/04_features.ipynb", "reports/04_features.ipynb",
-                  "-f", "params.yaml"], project, check=False)
+    (project / "reports").mkdir(exist_ok=True)
+    result = run([str(BIN / "papermill"), "--log-level", "ERROR", "nbs/stages/03_features.ipynb",
+                  "reports/03_features.ipynb", "-f", "params.yaml"], project, check=False)
     assert result.returncode != 0
     assert ("DataError: " + str(project / "data/interim/claims.parquet") +
             ": input not found; it is written by the 'validate' stage") in result.stderr
@@ -126,18 +127,19 @@ def test_a_stage_stopped_by_a_bad_param_keeps_the_last_good_outputs(repro_projec
     before = _fingerprints(project, kept)
     _with_params(project, {"train": {"learning_rat": 0.3}})
     output = _failure(project)
-    # one line for the error, one for where the notebook stopped; no traceback through papermill
-    assert "ParamsError: params.yaml: train.learning_rat: unknown key\n(nbs/05_train.ipynb stopped at cell [" in output
+    # one line for the error, one for where the notebook stopped and what was put back; no traceback
+    assert "ParamsError: params.yaml: train.learning_rat: unknown key\n(nbs/stages/04_train.ipynb stopped at cell [" in output
+    assert ("; the failed run's notebook: reports/failed/04_train.ipynb; the last good outputs are back from DVC's "
+            "cache: models/claims_cost_model, models/train_run.json, reports/04_train.ipynb)") in output, output
     assert "Traceback" not in output, output
     assert _fingerprints(project, kept) == before, "the last good model and everything downstream stay as they were"
     status = json.loads(dvc(project, "status", "--json").stdout)
-    assert "deleted" not in json.dumps(status), status
-    changed_outs = [entry["changed outs"] for entry in status["train"] if "changed outs" in entry]
-    assert changed_outs == [{"reports/05_train.ipynb": "modified"}], status["train"]  # the failed run's record
+    assert "changed outs" not in json.dumps(status), status  # every output is the locked one again
+    assert "learning_rat" in (project / "reports/failed/04_train.ipynb").read_text()
     assert [path.name for path in (project / "models").iterdir() if path.name.startswith(".")] == []
 
 
-def test_a_failed_register_keeps_the_decision_record_dvc_does_not_cache(repro_project, tmp_path):
+def test_a_failed_register_keeps_the_decision_record(repro_project, tmp_path):
     project = _copy_of_a_good_run(repro_project, tmp_path / "project")
     before = _fingerprints(project, ["reports/register_decision.json"])
     _with_params(project, {"register": {"min_relative_improvement": "high"}})

@@ -7,7 +7,7 @@ from pathlib import Path
 import mlflow
 import yaml
 
-from conftest import copy_project, dvc, merge, write_params
+from conftest import copy_project, dvc, merge, set_params, write_params
 from mlops_notebooks.core.artifacts import file_md5
 
 
@@ -54,7 +54,7 @@ def test_the_mlflow_run_carries_the_lineage(repro_project):
     assert tags["lineage.data.data/processed/train.parquet"] == hashes["data/processed/train.parquet"]
     assert tags["lineage.data.data/processed/test.parquet"] == hashes["data/processed/test.parquet"]
     assert tags["lineage.params.train.max_iter"] == "40"
-    assert tags["lineage.reports"] == "reports/05_train.ipynb,reports/06_evaluate.ipynb"
+    assert tags["lineage.reports"] == "reports/04_train.ipynb,reports/05_evaluate.ipynb"
     assert run.data.params["data.objective"] == "gamma"
     assert run.data.metrics["test_d2"] == json.loads((repro_project / "reports/metrics.json").read_text())["d2"]
     logged = mlflow.get_logged_model(run_record["model_id"])
@@ -99,3 +99,65 @@ def test_two_fresh_repros_give_the_same_data_and_metrics(repro_project, tmp_path
     assert (json.loads((again / "reports/metrics.json").read_text())
             == json.loads((repro_project / "reports/metrics.json").read_text()))
     assert file_md5(again / "data/raw/claims.parquet") == file_md5(repro_project / "data/raw/claims.parquet")
+
+
+# --- re-runs follow the code a stage runs ------------------------------------------------------------------------
+
+ORDER = ["ingest", "validate", "features", "train", "evaluate", "register", "monitor"]
+
+
+def _downstream(stage: str) -> set:
+    "The stage and every stage after it (the pipeline is a chain, with monitor last)."
+    return set(ORDER[ORDER.index(stage):])
+
+
+def _stages_to_rerun(project: Path, module: Path) -> set:
+    "The stages `dvc status` reports after one line is added to `module` (the edit is undone afterwards)."
+    original = module.read_text()
+    module.write_text(original + "\n# an edit\n")
+    try:
+        return set(json.loads(dvc(project, "status", "--json").stdout))
+    finally:
+        module.write_text(original)
+
+
+def test_an_edit_reruns_exactly_the_stages_that_run_the_code(repro_project, tmp_path):
+    "Edit each library module in a copy: platform code above the stages re-runs nothing, a stage module its stage."
+    project = tmp_path / "project"
+    shutil.copytree(repro_project, project, symlinks=True)
+    assert json.loads(dvc(project, "status", "--json").stdout) == {}
+    found = {}
+    for module in sorted((project / "mlops_notebooks").rglob("*.py")):
+        if module.name in ("__init__.py", "_modidx.py"):
+            continue
+        found[module.relative_to(project / "mlops_notebooks").as_posix()] = _stages_to_rerun(project, module)
+    for name, stages in found.items():
+        room, stem = name.split("/")[0], Path(name).stem
+        if room in ("serving", "tools") or name == "core/engine.py":
+            assert stages == set(), f"editing {name} would re-run {stages}"
+        elif room == "stages" and stem.removesuffix("_dask") in ORDER:
+            own = stem.removesuffix("_dask")
+            assert own in stages and stages <= _downstream(own), f"editing {name} would re-run {stages}"
+    # pinned: the code each stage really runs
+    assert found["stages/generator.py"] == {"ingest"}
+    assert found["stages/train.py"] == {"train", "evaluate", "register"}
+    assert found["stages/train_dask.py"] == {"train"}
+    assert found["stages/schema.py"] == set(ORDER) == found["core/settings.py"]
+    assert found["core/registry.py"] == {"register", "monitor"}
+    assert found["core/predictions.py"] == {"monitor"}
+
+
+def test_going_back_to_earlier_params_restores_from_the_run_cache(repro_project, tmp_path):
+    "DVC's run cache: after a params change and back, the earlier outputs come back without running the stages."
+    project = tmp_path / "project"
+    shutil.copytree(repro_project, project, symlinks=True)
+    before = _locked_hashes(project, prefix="")
+    original = (project / "params.yaml").read_text()
+    set_params(project, {"train": {"learning_rate": 0.2}})
+    dvc(project, "repro")
+    (project / "params.yaml").write_text(original)
+    output = dvc(project, "repro").stdout
+    restored = {line.split("'")[1] for line in output.splitlines() if "is cached - skipping run" in line}
+    assert restored == {"train", "evaluate", "register", "monitor"}, output
+    assert "Running stage" not in output, output
+    assert _locked_hashes(project, prefix="") == before

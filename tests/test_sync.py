@@ -1,7 +1,7 @@
-"""Notebooks are the source: the exported modules must match them and they must be committed clean."""
+"""Notebooks are the source: the exported modules match them, they are committed clean, and the rooms keep apart."""
+import ast
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import nbformat
@@ -9,9 +9,11 @@ import pytest
 
 from conftest import BIN, REPO
 
+NOTEBOOKS = sorted(path for path in (REPO / "nbs").rglob("*.ipynb") if ".ipynb_checkpoints" not in path.parts)
+
 
 def _copy_sources(destination: Path):
-    shutil.copytree(REPO / "nbs", destination / "nbs")
+    shutil.copytree(REPO / "nbs", destination / "nbs", ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
     shutil.copytree(REPO / "mlops_notebooks", destination / "mlops_notebooks",
                     ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "pyproject.toml", destination / "pyproject.toml")
@@ -33,13 +35,21 @@ def test_exported_modules_match_the_notebooks(tmp_path):
 def test_notebooks_are_committed_clean(tmp_path):
     _copy_sources(tmp_path)
     subprocess.run([str(BIN / "nbdev-clean")], cwd=tmp_path, check=True, capture_output=True)
-    dirty = [path.name for path in sorted((REPO / "nbs").glob("*.ipynb"))
-             if path.read_bytes() != (tmp_path / "nbs" / path.name).read_bytes()]
+    dirty = [path.relative_to(REPO).as_posix() for path in NOTEBOOKS
+             if path.read_bytes() != (tmp_path / path.relative_to(REPO)).read_bytes()]
     assert not dirty, f"notebooks not clean: {dirty}: run `make export` (it runs nbdev-clean) and commit"
 
 
-STAGE_NOTEBOOKS = sorted(path for path in (REPO / "nbs").glob("0*.ipynb")
-                         if any("#| pipeline" in cell.source for cell in nbformat.read(path, 4).cells))
+STAGE_NOTEBOOKS = [path for path in NOTEBOOKS
+                   if any(cell.source.startswith("## Contract") and "stage:" in cell.source
+                          for cell in nbformat.read(path, 4).cells if cell.cell_type == "markdown")]
+
+
+def test_the_stage_notebooks_are_the_stages_room_in_pipeline_order():
+    names = [path.relative_to(REPO / "nbs").as_posix() for path in STAGE_NOTEBOOKS]
+    assert names == ["stages/01_ingest.ipynb", "stages/02_validate.ipynb", "stages/03_features.ipynb",
+                     "stages/04_train.ipynb", "stages/05_evaluate.ipynb", "stages/06_register.ipynb",
+                     "stages/07_monitor.ipynb"], names
 
 
 @pytest.mark.parametrize("notebook", STAGE_NOTEBOOKS, ids=lambda path: path.name)
@@ -47,18 +57,19 @@ def test_stage_notebook_keeps_its_parameters_cell(notebook):
     cells = nbformat.read(notebook, 4).cells
     tagged = [cell for cell in cells if "parameters" in cell.metadata.get("tags", [])]
     assert len(tagged) == 1, f"{notebook.name}: expected one cell tagged 'parameters' (papermill), found {len(tagged)}"
-    assert cells[0].source.startswith("#| default_exp"), f"{notebook.name}: first cell must be #| default_exp"
+    assert "interactive_params(" in tagged[0].source, f"{notebook.name}: the parameters cell reads interactive_params"
+    assert cells[0].source.startswith("#| default_exp stages."), f"{notebook.name}: first cell must be #| default_exp"
 
 
 def test_every_stage_notebook_is_a_dvc_stage():
     dvc_yaml = (REPO / "dvc.yaml").read_text()
-    assert len(STAGE_NOTEBOOKS) >= 5
     for notebook in STAGE_NOTEBOOKS:
-        assert f"papermill --engine stage --no-progress-bar --log-level ERROR nbs/{notebook.name} reports/{notebook.name}" in dvc_yaml, notebook.name
+        relative = notebook.relative_to(REPO).as_posix()
+        assert f"--log-level ERROR {relative} reports/{notebook.name} -f params.yaml" in dvc_yaml, relative
 
 
 def test_dvc_yaml_is_generated_and_params_agree_with_the_contracts():
-    "dvc.yaml is what the notebooks' contracts generate; params.yaml, parameters cells and contracts agree."
+    "dvc.yaml is what the notebooks' contracts generate; the params files, parameters cells and contracts agree."
     from mlops_notebooks.tools.pipeline import check_project
     problems = check_project(REPO)
     assert not problems, "\n".join(problems)
@@ -68,8 +79,54 @@ def test_dvc_yaml_is_generated_and_params_agree_with_the_contracts():
 def test_the_example_params_files_agree_with_the_contracts(example, tmp_path):
     "`make fremtpl2-*` makes an example the params.yaml: `make test` must still pass afterwards."
     from mlops_notebooks.tools.pipeline import lint_params
-    for name in ("nbs", "mlops_notebooks"):
-        shutil.copytree(REPO / name, tmp_path / name)
+    _copy_sources(tmp_path)
     shutil.copy(REPO / "examples/fremtpl2" / example, tmp_path / "params.yaml")
+    shutil.copy(REPO / "params.small.yaml", tmp_path / "params.small.yaml")
     problems = lint_params(tmp_path)
     assert not problems, "\n".join(problems)
+
+
+# The floors of the house, every import pointing down: tools -> serving -> stages -> core. A stage never imports
+# serving, docs, CLI or team code, and core imports nothing above it, so dvc.yaml's code deps (found from imports)
+# re-run exactly the stages whose code changed.
+FLOORS = {"core": 0, "stages": 1, "serving": 2, "tools": 3}
+
+
+def _library_imports(path: Path) -> set[str]:
+    "The mlops_notebooks modules a module imports (anywhere in it, functions included), as dotted names."
+    tree = ast.parse(path.read_text())
+    package = path.relative_to(REPO).parent.as_posix().replace("/", ".")
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith("mlops_notebooks."))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: from .settings import x
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                found.add(f"{base}.{node.module}" if node.module else base)
+            elif node.module and node.module.startswith("mlops_notebooks."):
+                found.add(node.module)
+    return found
+
+
+LIBRARY_MODULES = sorted(path for path in (REPO / "mlops_notebooks").rglob("*.py")
+                         if path.name not in ("__init__.py", "_modidx.py"))
+
+
+@pytest.mark.parametrize("module", LIBRARY_MODULES, ids=lambda path: path.relative_to(REPO).as_posix())
+def test_imports_point_down_the_floors(module):
+    floor = module.relative_to(REPO / "mlops_notebooks").parts[0]
+    above = sorted(name for name in _library_imports(module)
+                   if FLOORS[name.split(".")[1]] > FLOORS[floor])
+    assert not above, f"{module.relative_to(REPO)} ({floor}) imports {above}, which sit above it"
+
+
+def test_the_floor_check_catches_a_stage_importing_serving(tmp_path):
+    "The check above can fail: a stage module that imports the service is caught."
+    bad = REPO / "mlops_notebooks/stages/_probe_for_the_floor_test.py"
+    bad.write_text("def f():\n    from mlops_notebooks.serving.serve import create_app\n")
+    try:
+        with pytest.raises(AssertionError, match="sit above it"):
+            test_imports_point_down_the_floors(bad)
+    finally:
+        bad.unlink()

@@ -21,8 +21,9 @@ import yaml
 from .settings import DataError
 
 # %% auto #0
-__all__ = ['NEWLINE', 'new_file_mode', 'atomic_path', 'atomic_directory', 'write_parquet', 'write_json', 'read_parquet',
-           'first_non_utf8', 'read_table', 'file_md5', 'git_state', 'dvc_locked_hashes', 'flatten', 'lineage_tags']
+__all__ = ['NEWLINE', 'TABLE_SUFFIXES', 'new_file_mode', 'atomic_path', 'atomic_directory', 'write_parquet', 'write_json',
+           'read_parquet', 'first_non_utf8', 'read_table', 'incoming_files', 'file_md5', 'git_state',
+           'dvc_locked_hashes', 'flatten', 'lineage_tags']
 
 # %% ../../nbs/core/01_artifacts.ipynb #c004
 @cache
@@ -162,6 +163,16 @@ def read_table(path:Path|str,          # a .csv or .parquet file
     if table.columns.duplicated().any():
         raise DataError(f"{path}: repeated column name(s): {', '.join(map(str, table.columns[table.columns.duplicated()]))}")
     return table
+
+# %% ../../nbs/core/01_artifacts.ipynb #c007h
+TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
+
+def incoming_files(folder:Path|str) -> list[Path]:
+    "The batch files (CSV/Parquet) of a folder, in name order; none when it does not exist."
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in TABLE_SUFFIXES)
 
 # %% ../../nbs/core/01_artifacts.ipynb #c009
 def file_md5(path:Path|str, chunk_size:int=1 << 20) -> str:

@@ -448,9 +448,11 @@ def restore_last_good(outputs:list[str], root:Path|str=".") -> tuple[list[str], 
 # %% ../../nbs/core/04_engine.ipynb #c020c
 def failure_note(input_path:str|None, output_path:str|None, root:Path|str=".") -> str:
     "Keep the failed report, put back the last good outputs, and say so in one line."
-    kept = keep_failed_report(output_path, root)
     outputs = declared_outputs(input_path, root)
-    restored, removed = restore_last_good(outputs, root) if outputs else ([], [])
+    if not outputs:  # not a DVC stage: the executed copy stays where papermill wrote it
+        return f"its executed copy, up to there: {output_path}" if output_path else ""
+    kept = keep_failed_report(output_path, root)
+    restored, removed = restore_last_good(outputs, root)
     parts = []
     if kept:
         parts.append(f"the failed run's notebook: {kept}")

@@ -12,14 +12,13 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
 
-from ..core.artifacts import read_table, write_parquet
+from ..core.artifacts import incoming_files, read_table, write_parquet
 from ..core.settings import DataError, StageParams
 from .generator import DriftKnobs, generate_claims
 from .schema import DataParams, check_month
 
 # %% auto #0
-__all__ = ['INCOMING_SUFFIXES', 'IngestParams', 'join_aggregated', 'incoming_files', 'append_incoming', 'ingest_claims',
-           'write_claims']
+__all__ = ['IngestParams', 'join_aggregated', 'append_incoming', 'ingest_claims', 'write_claims']
 
 # %% ../../nbs/stages/01_ingest.ipynb #c010
 class IngestParams(StageParams):
@@ -68,15 +67,6 @@ def join_aggregated(table:pd.DataFrame, # the first table
     return joined
 
 # %% ../../nbs/stages/01_ingest.ipynb #c024
-INCOMING_SUFFIXES = (".csv", ".parquet", ".pq")
-
-def incoming_files(folder:Path|str) -> list[Path]:
-    "The batch files (CSV/Parquet) of an incoming folder, in name order; none when it does not exist."
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    return sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in INCOMING_SUFFIXES)
-
 def append_incoming(claims:pd.DataFrame, # the claims table
                     folder:Path|str,     # the incoming folder
                     data:DataParams,     # the declaration: target and period columns

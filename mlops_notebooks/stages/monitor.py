@@ -13,11 +13,10 @@ import pandas as pd
 from pydantic import Field
 from scipy import stats
 
-from ..core.artifacts import read_table
+from ..core.artifacts import incoming_files, read_table
 from ..core.predictions import read_prediction_log as read_service_log
 from ..core.settings import DataError, StageParams
 from .evaluate import METRIC_DIRECTIONS, MetricName, cost_metrics
-from .ingest import incoming_files
 from .register import relative_improvement
 from .schema import DataParams
 
