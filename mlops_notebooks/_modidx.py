@@ -673,6 +673,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                    'mlops_notebooks/tools/pipeline.py'),
                                                 'mlops_notebooks.tools.pipeline.generate_dvc_yaml': ( 'tools/pipeline.html#generate_dvc_yaml',
                                                                                                       'mlops_notebooks/tools/pipeline.py'),
+                                                'mlops_notebooks.tools.pipeline.import_module_of': ( 'tools/pipeline.html#import_module_of',
+                                                                                                     'mlops_notebooks/tools/pipeline.py'),
                                                 'mlops_notebooks.tools.pipeline.imported_modules': ( 'tools/pipeline.html#imported_modules',
                                                                                                      'mlops_notebooks/tools/pipeline.py'),
                                                 'mlops_notebooks.tools.pipeline.is_export': ( 'tools/pipeline.html#is_export',

@@ -9,12 +9,23 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import settings as hypothesis_settings
+
+# The fuzz tests replay the same cases on every run (`make test-all`, CI): a fresh clone cannot fail on a case nobody
+# has seen. `make fuzz` searches for new ones; a case it finds becomes an explicit @example.
+hypothesis_settings.register_profile("repeatable", derandomize=True, max_examples=250, database=None)
+hypothesis_settings.register_profile("search", derandomize=False, max_examples=3000)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 # params.small.yaml: the overrides of params.yaml that keep a full `dvc repro` to seconds.
+# The tests' project copies: params.small.yaml's sizes, and one year of claims from 2023-01 (three test months), so
+# that a batch from 2024-01 on is a month the pipeline has not seen.
 SMALL_PARAMS = yaml.safe_load((REPO / "params.small.yaml").read_text())
+SMALL_PARAMS = {**SMALL_PARAMS, "ingest": {**SMALL_PARAMS.get("ingest", {}), "n_months": 12, "start_month": "2023-01"},
+                "features": {**SMALL_PARAMS.get("features", {}), "test_months": 3}}
 
 
 def project_env() -> dict:

@@ -173,7 +173,7 @@ def test_bad_rule_missing_champion_artifact_and_unreachable_store_leave_the_regi
     try:
         output = dvc(project, "repro", "register", check=False)
         assert output.returncode != 0
-        assert f"DataError: champion {MODEL} version 3: cannot load its model artifact" in output.stdout + output.stderr
+        assert f"DataError: {MODEL} version 3: cannot load its model artifact" in output.stdout + output.stderr
         assert registry_state(project) == before
     finally:
         hidden.rename(artifact_dir)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import json
 import re
 import subprocess
@@ -29,9 +30,10 @@ PAPERMILL = "papermill --engine stage --no-progress-bar --log-level ERROR"
 __all__ = ['HANDWRITTEN', 'PAPERMILL', 'GENERATED_HEADER', 'package_name', 'imported_modules', 'default_exp', 'is_export',
            'runs_in_stage', 'Library', 'load_library', 'module_deps', 'all_contracts', 'stage_definition',
            'read_handwritten', 'render_dvc_yaml', 'generate_dvc_yaml', 'parameters_cell', 'parameters_sections',
-           'params_reads', 'starts_stage', 'params_models', 'small_value_problems', 'params_value_problems',
-           'lint_params', 'stale_dvc_yaml', 'check_project', 'next_notebook_number', 'stage_notebook', 'add_stage',
-           'export_modules', 'stages_command', 'add_stage_command', 'add_pipeline_commands']
+           'params_reads', 'starts_stage', 'import_module_of', 'params_models', 'small_value_problems',
+           'params_value_problems', 'lint_params', 'stale_dvc_yaml', 'check_project', 'next_notebook_number',
+           'stage_notebook', 'add_stage', 'export_modules', 'stages_command', 'add_stage_command',
+           'add_pipeline_commands']
 
 # %% ../../nbs/tools/01_pipeline.ipynb #c009
 def package_name(root:Path) -> str:
@@ -289,6 +291,18 @@ def starts_stage(cells:list[dict], stage:str) -> bool:
     return False
 
 # %% ../../nbs/tools/01_pipeline.ipynb #c016d
+def import_module_of(library:Library, module:str):
+    "A library module: the installed one, or (a module only this project has, say a new stage) its exported file."
+    name = f"{library.package}.{module}"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError:
+        spec = importlib.util.spec_from_file_location(name, library.root / library.module_file(module))
+        loaded = importlib.util.module_from_spec(spec)
+        sys.modules[name] = loaded
+        spec.loader.exec_module(loaded)
+        return loaded
+
 def params_models(library:Library) -> dict:
     "Section -> params model, from the exported modules of the notebooks with a contract."
     from mlops_notebooks.core.settings import StageParams
@@ -297,7 +311,7 @@ def params_models(library:Library) -> dict:
         exported = (library.root / library.module_file(module)).exists()
         if not exported or contract_from_cells(library.notebooks[notebook], notebook) is None:
             continue
-        for value in vars(importlib.import_module(f"{library.package}.{module}")).values():
+        for value in vars(import_module_of(library, module)).values():
             if isinstance(value, type) and issubclass(value, StageParams) and value.section:
                 models[value.section] = value
     return models
