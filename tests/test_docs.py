@@ -16,8 +16,8 @@ from conftest import BIN, REPO, copy_project, run
 from mlops_notebooks.tools.docs import NO_REPORTS, broken_links, library_notebooks
 
 ARTIFACTS = REPO / "tests" / "artifacts"  # screenshots, kept for people to look at (git-ignored)
-SCREENSHOTS = {"index.html": "home.png", "api/04_features.html": "api_features.png",
-               "reports/06_evaluate.html": "report_evaluate.png"}
+SCREENSHOTS = {"index.html": "home.png", "api/stages/03_features.html": "api_features.png",
+               "reports/05_evaluate.html": "report_evaluate.png"}
 
 
 def build_docs(project: Path, check: bool = True):
@@ -68,16 +68,17 @@ def test_site_has_every_page(site, repro_project):
     modules = library_notebooks(repro_project)
     assert len(modules) >= 10
     for notebook in modules:
-        assert (site / "api" / f"{notebook.stem}.html").is_file(), notebook.name
+        page = notebook.relative_to(repro_project / "nbs").with_suffix(".html")
+        assert (site / "api" / page).is_file(), page
     reports = sorted((repro_project / "reports").glob("[0-9][0-9]_*.ipynb"))
-    assert {"02_ingest", "03_validate", "04_features", "05_train", "06_evaluate", "07_register"} <= {
+    assert {"01_ingest", "02_validate", "03_features", "04_train", "05_evaluate", "06_register", "07_monitor"} <= {
         path.stem for path in reports}
     for report in reports:
         assert (site / "reports" / f"{report.stem}.html").is_file(), report.name
 
 
 def test_api_page_shows_signatures_argument_tables_and_examples(site):
-    page = _html(site, "api/04_features.html")
+    page = _html(site, "api/stages/03_features.html")
     assert "split_by_month" in page and "latest months to hold out" in page
     assert re.search(r"<td>test_months</td>\s*<td>int</td>\s*<td></td>\s*<td>latest months to hold out</td>", page)
     assert "time split: the latest report months held out" in page  # FeaturesParams' field table
@@ -86,7 +87,7 @@ def test_api_page_shows_signatures_argument_tables_and_examples(site):
 
 
 def test_report_pages_hold_the_run_and_its_plots(site, repro_project):
-    evaluate = _html(site, "reports/06_evaluate.html")
+    evaluate = _html(site, "reports/05_evaluate.html")
     assert "Executed by <code>dvc repro</code>" in evaluate
     images = re.findall(r'<img[^>]+src="([^"]+)"', evaluate)
     assert images and all((site / "reports" / src).is_file() for src in images)
@@ -166,14 +167,14 @@ def test_site_builds_before_any_run_and_stops_on_a_bad_notebook(tmp_path):
     assert not (project / "mlflow.db").exists(), "reading the registry must not create a store"
 
     # A library notebook whose module was never exported: one line naming it; the last good site is kept.
-    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("#| default_exp nowhere"),
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("#| default_exp stages.nowhere"),
                                                nbformat.v4.new_markdown_cell("# Nowhere"),
                                                nbformat.v4.new_code_cell("#| export\ndef f(): pass")])
-    nbformat.write(notebook, project / "nbs" / "11_nowhere.ipynb")
+    nbformat.write(notebook, project / "nbs/stages/08_nowhere.ipynb")
     result = build_docs(project, check=False)
     assert result.returncode == 1
     message = result.stderr.strip().splitlines()
-    assert len(message) == 1 and "nbs/11_nowhere.ipynb" in message[0] and "mlops_notebooks.nowhere" in message[0]
+    assert len(message) == 1 and "nbs/stages/08_nowhere.ipynb" in message[0] and "mlops_notebooks.stages.nowhere" in message[0]
     assert "Traceback" not in result.stderr
     assert (site / "index.html").is_file()
 

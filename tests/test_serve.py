@@ -148,8 +148,8 @@ def service(project):
 # ---------------------------------------------------------------- happy path, log, audit
 
 def test_answers_predictions_of_the_champion(service, project):
-    # a first start: the champion came from the registry, asked by the helper process while the service imported
-    assert f"serving {MODEL} version 1 (the registry, looked up by a helper process)" in service.output()
+    # a first start: the champion came from the registry, through MLflow's client
+    assert f"serving {MODEL} version 1 (the registry) on" in service.output()
     records = sample_records(project, 20)
     expected = champion_predictions(project, 1, records)
     with requests.Session() as session:  # keep-alive
@@ -189,7 +189,7 @@ def test_the_trees_are_compiled_in_the_background_when_there_is_a_compiler(servi
     else:
         assert predictor == "compiled", service.output()
         assert len(list((project / ".serving/compiled").glob("trees-*.so"))) == 1
-    records = sample_records(project, MAX_RECORDS)  # (the multi-threaded path: nbs/09_serve.ipynb's own checks)
+    records = sample_records(project, MAX_RECORDS)  # (the multi-threaded path: nbs/serving/00_serve.ipynb's own checks)
     for batch in (records[:1], records):
         answer = post(service.url, batch).json()
         assert np.allclose(answer["predictions"], champion_predictions(project, 1, batch), rtol=1e-10)

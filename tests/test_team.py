@@ -117,8 +117,8 @@ def test_pipeline_on_the_team_stack(stack, team_project, monkeypatch):
     assert any(item["Key"].endswith("MLmodel") for item in objects.get("Contents", []))
     assert not (team_project / "mlartifacts").exists() and not (team_project / "mlflow.db").exists()
     # Ingest, validate, features and training ran on the Dask cluster; the model is the usual Pipeline, XGBoost inside.
-    assert "on the Dask cluster at tcp://127.0.0.1" in (team_project / "reports/02_ingest.ipynb").read_text()
-    assert "Dask at tcp://127.0.0.1" in (team_project / "reports/04_features.ipynb").read_text()
+    assert "on the Dask cluster at tcp://127.0.0.1" in (team_project / "reports/01_ingest.ipynb").read_text()
+    assert "on the Dask cluster" in (team_project / "reports/03_features.ipynb").read_text()
     from distributed import Client
     with Client(info.dask_scheduler, timeout=30) as dask_client:
         prefixes = dask_client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
