@@ -1,4 +1,4 @@
-# Two commands for a newcomer: `make pipeline` and `make test`.
+# Three commands for a newcomer: `make pipeline`, `make test` (fast, every commit), `make test-all` (everything: CI).
 # Each creates .venv from the committed lock file when it is missing or stale.
 PYTHON ?= python3.11
 VENV := .venv
@@ -11,12 +11,14 @@ export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: env pipeline serve test lab export bench lock docs docs-serve browser help retrain replay fremtpl2-frequency fremtpl2-pure-premium stack-up stack-down remote
+.PHONY: env pipeline serve test test-all fuzz lab export bench lock docs docs-serve browser help retrain replay fremtpl2-frequency fremtpl2-pure-premium stack-up stack-down remote
 
 help:
 	@echo "make pipeline  - run the whole DVC pipeline (dvc repro) on the embedded default"
 	@echo "make serve     - serve the registry's champion (host/port from settings.ini; after make pipeline)"
-	@echo "make test      - export check, clean check, nbdev-test, pytest"
+	@echo "make test      - the fast tier: notebooks in sync and clean, contracts, nbdev-test, unit tests, one small pipeline"
+	@echo "make test-all  - everything (what CI runs): the fast tier, then the slow end-to-end tests"
+	@echo "make fuzz      - search for new damaged CSVs that break ingest/validate (not part of the tiers)"
 	@echo "make lab       - JupyterLab with the project's kernel"
 	@echo "make export    - nbdev-export + nbdev-clean after editing notebooks"
 	@echo "make bench     - run every benchmark under benchmarks/"
@@ -48,11 +50,22 @@ pipeline: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/mlops-notebooks serve
 
-# The docs test loads every page in headless Chromium, so `make test` needs it (installed here when missing).
-test: $(STAMP) browser
+# The fast tier, for every commit: notebooks and modules in sync and committed clean, dvc.yaml and the params files
+# checked against the contracts, the import floors, nbdev-test (the notebooks' examples), the unit tests and one
+# small end-to-end `dvc repro` (re-runs, the run cache, a failed stage).
+test: $(STAMP)
 	$(BIN)/pytest -q tests/test_sync.py
 	$(BIN)/nbdev-test --n-workers 2
-	$(BIN)/pytest -q tests --ignore=tests/test_sync.py
+	$(BIN)/pytest -q -m "not slow" tests --ignore=tests/test_sync.py
+
+# Everything (what .ci/run calls): the fast tier, then the slow tests. The docs test loads every page in headless
+# Chromium, so it needs it (installed here when missing); the freMTPL2 tests read ../shared/data/freMTPL2.
+test-all: test browser
+	$(BIN)/pytest -q -m slow tests
+
+# A random search for damaged CSVs the fuzz test has not seen (the tiers replay a fixed set of cases).
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=search $(BIN)/pytest -q tests/test_fuzz_csv.py
 
 export: $(STAMP)
 	$(BIN)/nbdev-export
@@ -63,6 +76,7 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	@for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+	$(BIN)/python benchmarks/support/page.py
 
 # The template on real data: freMTPL2 from ../shared, declared by a complete params file under examples/fremtpl2/.
 # It replaces params.yaml (refusing when that has uncommitted edits of your own) and uses its own registered model

@@ -2,6 +2,9 @@
 import yaml
 
 from conftest import BIN, copy_project, dvc, merge, run, write_params
+import pytest
+
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs it; `make test` does not
 
 
 def _with_params(project, override):

@@ -15,6 +15,8 @@ from chromium import Chromium
 from conftest import BIN, REPO, copy_project, run
 from mlops_notebooks.tools.docs import NO_REPORTS, broken_links, library_notebooks
 
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs it; `make test` does not
+
 ARTIFACTS = REPO / "tests" / "artifacts"  # screenshots, kept for people to look at (git-ignored)
 SCREENSHOTS = {"index.html": "home.png", "api/stages/03_features.html": "api_features.png",
                "reports/05_evaluate.html": "report_evaluate.png"}

@@ -11,6 +11,8 @@ import yaml
 
 from conftest import REPO, copy_project, dvc
 
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs it; `make test` does not
+
 FREMTPL2 = REPO.parent / "shared" / "data" / "freMTPL2"
 
 

@@ -14,6 +14,8 @@ from mlops_notebooks.stages.generator import CLAIMS_DATA, DriftKnobs, generate_c
 from mlops_notebooks.stages.monitor import MonitorParams, monitor_batch
 from mlops_notebooks.stages.train import TrainParams, fit_model
 
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs it; `make test` does not
+
 RULES = MonitorParams(min_rows=100)  # the thresholds of params.yaml, smaller batches allowed
 PER_MONTH = 1000
 ONSET = "2024-01"

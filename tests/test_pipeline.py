@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import mlflow
+import pytest
 import yaml
 
 from conftest import copy_project, dvc, merge, set_params, write_params
@@ -61,6 +62,7 @@ def test_the_mlflow_run_carries_the_lineage(repro_project):
     assert logged.source_run_id == run_record["run_id"]
 
 
+@pytest.mark.slow
 def test_a_leftover_plot_is_neither_read_nor_logged(repro_project, tmp_path):
     "An older version's file in reports/plots/ neither trips evaluate's undeclared-read guard nor reaches MLflow."
     project = tmp_path / "project"
@@ -74,6 +76,7 @@ def test_a_leftover_plot_is_neither_read_nor_logged(repro_project, tmp_path):
                       "error_by_group.csv", "feature_importance.csv"}
 
 
+@pytest.mark.slow
 def test_a_train_param_reruns_train_and_downstream_only(tmp_path):
     project = copy_project(tmp_path)
     dvc(project, "repro")
@@ -91,6 +94,7 @@ def test_a_train_param_reruns_train_and_downstream_only(tmp_path):
     assert skipped == {"ingest", "validate", "features"}, output
 
 
+@pytest.mark.slow
 def test_two_fresh_repros_give_the_same_data_and_metrics(repro_project, tmp_path):
     again = copy_project(tmp_path)
     dvc(again, "repro")

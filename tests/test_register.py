@@ -11,6 +11,8 @@ from mlflow import MlflowClient
 
 from conftest import BIN, copy_project, dvc, run, set_params
 
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs it; `make test` does not
+
 MODEL = "claims-cost"
 # With the small test params: fewer boosting rounds is clearly worse; smaller trees with more rounds is better
 # (measured: mean gamma deviance 0.791 -> 0.775, Gini and MAE within the guards).

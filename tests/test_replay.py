@@ -7,6 +7,8 @@ import pytest
 
 from conftest import copy_project, run, set_params
 
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs it; `make test` does not
+
 # Small months, a short history and a cheap model: the replay's real code path in about a minute.
 SMALL_REPLAY = {
     "train": {"max_iter": 30},

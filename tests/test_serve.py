@@ -38,6 +38,8 @@ from mlops_notebooks.stages.schema import DataParams
 from mlops_notebooks.stages.train import TrainParams, feature_frame, fit_model, log_training_run
 from mlops_notebooks.core.settings import configure_mlflow, load_settings, project_root
 from mlops_notebooks.serving.serve import Champion
+
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs it; `make test` does not
 root = project_root()
 configure_mlflow(load_settings(root), root)
 features = DataParams(**yaml.safe_load(open("params.yaml"))["data"])

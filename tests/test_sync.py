@@ -130,3 +130,21 @@ def test_the_floor_check_catches_a_stage_importing_serving(tmp_path):
             test_imports_point_down_the_floors(bad)
     finally:
         bad.unlink()
+
+
+def test_the_benchmarks_page_is_what_the_records_give():
+    "docs/benchmarks.md is generated from benchmarks/results/*.json: a figure lives in its record only."
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("page", REPO / "benchmarks/support/page.py")
+    page = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(page)
+    assert (REPO / "docs/benchmarks.md").read_text() == page.render(), \
+        "docs/benchmarks.md is stale: run `python benchmarks/support/page.py` and commit it"
+
+
+def test_the_readme_is_a_front_door():
+    "The README stays short (<= 8 KB) and quotes no benchmark figures: they live in benchmarks/results/."
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.encode()) <= 8 * 1024, len(readme.encode())
+    for noise in ("slow hour", "fast hour", "median of", "earlier records"):
+        assert noise not in readme, noise

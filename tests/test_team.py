@@ -20,6 +20,8 @@ import requests
 from conftest import BIN, SMALL_PARAMS, copy_project, dvc, merge, project_env, run
 from mlops_notebooks.tools.team import StackPorts, alive, free_port, load_stack, s3_client, start_stack, stop_stack
 
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs it; `make test` does not
+
 MODEL = "claims-cost"
 # XGBoost, so that training runs on the Dask cluster (scikit-learn's booster trains in process).
 TEAM_PARAMS = merge(SMALL_PARAMS, {"train": {"estimator": "xgboost", "max_iter": 40}})
