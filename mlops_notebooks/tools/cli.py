@@ -45,6 +45,7 @@ def resolve_target(client, target:str, default_name:str, command:str="audit"):
     raise UserError(f"{command} {target}: expected models:/<name>@<alias>, models:/<name>/<version>, "
                     f"a version number, a 32-character run id{also}")
 
+# %% ../../nbs/tools/00_cli.ipynb #c004c
 def request_record(prediction_log, request_id:str) -> dict:
     "What the prediction log holds about one request: time, model name and version, rows and predictions."
     from mlops_notebooks.core.predictions import read_prediction_log
@@ -55,6 +56,7 @@ def request_record(prediction_log, request_id:str) -> dict:
             "model_name": rows["model_name"].iloc[0], "model_version": int(rows["model_version"].iloc[0]),
             "rows": len(rows), "predictions": rows["prediction"].tolist()}
 
+# %% ../../nbs/tools/00_cli.ipynb #c004e
 def lineage_report(client, version, run_id:str) -> dict:
     "Lineage, metrics and decision record of a model version (or of a run that was never registered)."
     run = client.get_run(run_id)
@@ -80,6 +82,7 @@ def lineage_report(client, version, run_id:str) -> dict:
     }
     return report
 
+# %% ../../nbs/tools/00_cli.ipynb #c004f
 def format_report(report:dict) -> str:
     "The audit report as text for a person."
     title = (f"{report['model']} version {report['version']}" if report["version"] is not None
@@ -125,6 +128,7 @@ def audit(args) -> int:
     print(json.dumps(report, indent=2, sort_keys=True) if args.json else format_report(report))
     return 0
 
+# %% ../../nbs/tools/00_cli.ipynb #c008a
 def serve(args) -> int:
     from mlops_notebooks.serving.serve import serve as run_service
     run_service(load_settings(project_root()), host=args.host, port=args.port)
@@ -146,6 +150,7 @@ def score(args) -> int:
     print(f"scored {len(scored)} claims with {champion.name} version {champion.version} -> {args.output}")
     return 0
 
+# %% ../../nbs/tools/00_cli.ipynb #c008c
 def port_number(text:str) -> int:
     "A TCP port from the command line, 1 to 65535 (a larger one would silently wrap around to another port)."
     try:
@@ -156,6 +161,7 @@ def port_number(text:str) -> int:
         raise argparse.ArgumentTypeError(f"a port number is 1 to 65535, got {port}")
     return port
 
+# %% ../../nbs/tools/00_cli.ipynb #c008f
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlops-notebooks", description="The claims-cost project's command line.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
@@ -187,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_team_commands(commands)  # `stack up|down|status` and `remote`: the shared team setup
     return parser
 
+# %% ../../nbs/tools/00_cli.ipynb #c008g
 def main(argv:list[str]|None=None) -> int:
     "Run the command line; exit status 2 with one line on stderr for a user error."
     args = build_parser().parse_args(argv)
