@@ -64,6 +64,8 @@ def copy_project(destination: Path, params: dict | None = SMALL_PARAMS) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
     (destination / "dvc.lock").unlink(missing_ok=True)
+    # The stage commands run the project's interpreter, "$DVC_ROOT"/.venv/bin/python: the copy shares this one.
+    (destination / ".venv").symlink_to(REPO / ".venv", target_is_directory=True)
     if params is not None:
         write_params(destination, merge(yaml.safe_load((REPO / "params.yaml").read_text()), params))
     run(["git", "init", "-q"], destination)

@@ -241,7 +241,8 @@ def configure_mlflow(settings:Settings, root:Path) -> str:
         experiment = mlflow.get_experiment_by_name(settings.experiment_name)
         if experiment is None:
             local = settings.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in settings.tracking_uri
-            location = (root / "mlartifacts").resolve().as_uri() if local else None
+            beside = Path(settings.tracking_uri[len("sqlite:///"):]).parent if settings.tracking_uri.startswith("sqlite:///") else root
+            location = (beside / "mlartifacts").resolve().as_uri() if local else None
             experiment_id = mlflow.create_experiment(settings.experiment_name, artifact_location=location)
         else:
             experiment_id = experiment.experiment_id

@@ -24,7 +24,10 @@ from ..core.settings import ParamsError, UserError, parse_params, project_root
 from ..core.stage import SMALL_PARAMS, merged, read_yaml
 
 HANDWRITTEN = "dvc.handwritten.yaml"       # stages the contracts cannot express, copied into dvc.yaml
-PAPERMILL = "papermill --engine stage --no-progress-bar --log-level ERROR"
+# The project's own interpreter, whatever the PATH: DVC sets DVC_ROOT to the project root for every stage command, also
+# in a `dvc exp run --temp` or queued copy of the project (which has no .venv of its own); `-m papermill` imports the
+# library from the stage's working directory first, so such a copy runs its own code.
+PAPERMILL = '"$DVC_ROOT"/.venv/bin/python -m papermill --engine stage --no-progress-bar --log-level ERROR'
 
 # %% auto #0
 __all__ = ['HANDWRITTEN', 'PAPERMILL', 'GENERATED_HEADER', 'package_name', 'imported_modules', 'default_exp', 'is_export',
