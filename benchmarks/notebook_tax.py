@@ -129,6 +129,7 @@ def snapshot_project(destination: Path) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
     (destination / "dvc.lock").unlink(missing_ok=True)   # cold: DVC must run every stage
+    (destination / ".venv").symlink_to(REPO / ".venv", target_is_directory=True)  # the stage commands' interpreter
     return destination
 
 
@@ -145,9 +146,9 @@ def out_path(entry) -> str:
 
 
 def papermill_paths(cmd: str) -> tuple[str, str, str]:
-    "Input notebook, output report and parameters file of a `papermill IN OUT -f PARAMS` command."
+    "Input notebook, output report and parameters file of a `... -m papermill IN OUT -f PARAMS` command."
     tokens = shlex.split(cmd)
-    if tokens[0] != "papermill":
+    if "papermill" not in tokens:
         raise ValueError(f"not a papermill stage: {cmd}")
     if any(token in ("-p", "--parameters", "-r", "--parameters_raw", "-y", "--parameters_yaml") for token in tokens):
         raise ValueError(f"only `-f params.yaml` is reproduced by the script prelude: {cmd}")
