@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -11,8 +10,8 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 import yaml
-
 from conftest import BIN, REPO, copy_project, dvc, run
+
 from mlops_notebooks.tools.pipeline import check_project
 
 CLI = str(BIN / "mlops-notebooks")

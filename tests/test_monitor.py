@@ -2,12 +2,11 @@
 import json
 import shutil
 
-import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import dvc, set_params
+
 from mlops_notebooks.core.artifacts import file_md5
 from mlops_notebooks.stages.features import select_features, split_by_month
 from mlops_notebooks.stages.generator import CLAIMS_DATA, DriftKnobs, generate_claims

@@ -1,15 +1,13 @@
 """The registry gate on a real MLflow store (SQLite): promotion, rejection, idempotency, audit, concurrency."""
 import json
-import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import yaml
-from mlflow import MlflowClient
-
 from conftest import BIN, copy_project, dvc, run, set_params
+from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow  # `make test-all` (CI) runs it; `make test` does not
 
