@@ -86,7 +86,9 @@ def test_pre_commit_passes_offline_and_refuses_a_notebook_with_outputs(tmp_path)
     project = copy_project(tmp_path / "project", params=None)
     hooks = run([str(BIN / "pre-commit"), "run", "--all-files"], project, check=False)
     assert hooks.returncode == 0, hooks.stdout + hooks.stderr
-    run(["make", "hooks"], project)  # the git hooks, from the venv
+    # what `make hooks` does (not `make` itself: the copy's venv is this one, and make would reinstall it from the copy)
+    run(["git", "config", "--local", "include.path", "../.gitconfig"], project)
+    run([str(BIN / "pre-commit"), "install"], project)
     notebook = project / "nbs/stages/03_features.ipynb"
     executed = nbformat.read(notebook, as_version=4)
     executed.cells[3].outputs = [nbformat.v4.new_output("stream", name="stdout", text="explored\n")]
@@ -224,3 +226,54 @@ def test_the_report_shows_the_param_and_the_metric_deltas(experimented):
     unknown = run([str(BIN / "mlops-notebooks"), "report", "--against", "no-such-ref"], project, check=False)
     assert unknown.returncode == 2 and unknown.stderr.strip().splitlines() == [
         f"error: report --against no-such-ref: no such git ref (a branch, tag or commit) in {project}"]
+
+
+# --- every `.venv/bin/...` command the README and the docs show, as written -------------------------------------
+
+def documented_commands() -> list[tuple[str, str]]:
+    "(page, command) for each `.venv/bin/...` command in README.md and docs/*.md: code spans and code-block lines."
+    found = []
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = page.read_text()
+        spans = re.findall(r"`(\.venv/bin/[^`]+)`", text)
+        blocks = [line.split("  #")[0].strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+                  for line in block.splitlines() if line.strip().startswith(".venv/bin/")]
+        for command in spans + blocks:
+            if command not in [seen for _, seen in found]:  # each command once, where it first appears
+                found.append((page.relative_to(REPO).as_posix(), command))
+    return found
+
+
+def is_template(command: str) -> bool:
+    "A command with a placeholder (`<name>`, `[--option]`): it is checked through its --help."
+    return bool(re.search(r"<[^>]+>|\[", command))
+
+
+@pytest.mark.slow
+def test_every_documented_venv_command_works_as_written(tmp_path):
+    commands = documented_commands()
+    assert any("dvc exp run -S" in command for _, command in commands) and len(commands) >= 10
+    project = copy_project(tmp_path / "project")
+    if run(["git", "rev-parse", "--verify", "--quiet", "main"], project, check=False).returncode:
+        run(["git", "branch", "main"], project)  # the docs compare with main
+    dvc(project, "repro")
+    run([str(BIN / "mlops-notebooks"), "remote"], project)  # `make remote`: the documented push/pull need it
+    env = {**os.environ, **plain_env(project), "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t",
+           "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    env = {key: value for key, value in env.items() if not key.startswith(("MLOPS_", "MLFLOW_"))}
+    failures = []
+    for page, command in commands:
+        words = shlex.split(command)
+        if is_template(command):  # the subcommand exists and explains itself
+            words = [word for word in words if not re.search(r"[<\[\]>]", word)][:2] + ["--help"]
+        process = subprocess.Popen(words, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True)
+        try:
+            output, _ = process.communicate(timeout=600 if "exp run" in command else 60)
+        except subprocess.TimeoutExpired:  # a server (mlflow ui): still serving after a minute is working
+            process.kill()
+            process.communicate()
+            continue
+        if process.returncode != 0:
+            failures.append(f"{page}: {command} -> exit {process.returncode}: {output.strip().splitlines()[-3:]}")
+    assert not failures, "\n".join(failures)
