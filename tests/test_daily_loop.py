@@ -97,7 +97,9 @@ def test_pre_commit_passes_offline_and_refuses_a_notebook_with_outputs(tmp_path)
     run(["git", "add", str(notebook)], project)
     commit = run(["git", "commit", "-qm", "explored"], project, check=False, env=plain_env(project))
     assert commit.returncode != 0, "a notebook with outputs was committed"
-    assert "notebooks committed without outputs" in commit.stdout and "Failed" in commit.stdout
+    hooks_said = commit.stdout + commit.stderr  # pre-commit writes to git's stderr
+    refused = next(line for line in hooks_said.splitlines() if line.startswith("notebooks committed without outputs"))
+    assert refused.endswith("Failed") and "nbs/stages/03_features.ipynb" in hooks_said, hooks_said
 
 
 def _runs(store: Path) -> list[tuple]:
