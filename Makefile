@@ -111,9 +111,10 @@ export: $(STAMP)
 	$(BIN)/nbdev-clean
 
 # JupyterLab on nbs/ with the project's kernel; each notebook is cleaned by nbdev as it is saved (so saving one does not
-# dirty it for git or make test); --allow-root in a container, where you are root.
+# dirty it for git or make test; nbdev's hook reads the path it is given from the working directory, hence `cd nbs`);
+# kernels get CurveZMQ keys; --allow-root in a container, where you are root.
 lab: $(STAMP) hooks
-	$(BIN)/jupyter lab --notebook-dir=nbs --FileContentsManager.pre_save_hook=nbdev.clean.clean_jupyter \
+	cd nbs && $(CURDIR)/$(BIN)/jupyter lab --FileContentsManager.pre_save_hook=nbdev.clean.clean_jupyter \
 	  --MappingKernelManager.default_kernel_name=python3 --MappingKernelManager.transport_encryption=auto \
 	  $(if $(filter 0,$(shell id -u)),--allow-root)
 
