@@ -280,3 +280,40 @@ def test_every_documented_venv_command_works_as_written(tmp_path):
         if process.returncode != 0:
             failures.append(f"{page}: {command} -> exit {process.returncode}: {output.strip().splitlines()[-3:]}")
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.slow
+def test_a_notebook_saved_through_jupyterlab_is_written_clean(tmp_path):
+    "`make lab`'s server (its pre-save hook, from nbs/): JupyterLab's metadata on save, the committed bytes on disk."
+    import socket
+    import time
+    import urllib.request
+    shutil.copytree(REPO / "nbs", tmp_path / "nbs")
+    shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    lab_line = next(line for line in (REPO / "Makefile").read_text().splitlines() if "jupyter lab" in line)
+    assert lab_line.strip().startswith("cd nbs &&") and "pre_save_hook=nbdev.clean.clean_jupyter" in lab_line
+    server = subprocess.Popen([str(BIN / "jupyter"), "lab", "--FileContentsManager.pre_save_hook=nbdev.clean.clean_jupyter",
+                               "--no-browser", "--allow-root", f"--ServerApp.port={port}", "--IdentityProvider.token=t"],
+                              cwd=tmp_path / "nbs", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/api/contents/stages/03_features.ipynb?token=t"
+    try:
+        for _ in range(120):
+            try:
+                notebook = json.load(urllib.request.urlopen(url))["content"]
+                break
+            except OSError:
+                time.sleep(0.5)
+        notebook["metadata"]["language_info"] = {"name": "python", "version": "3.11.7"}
+        notebook["metadata"]["kernelspec"]["display_name"] = "Python 3 (mlops-notebooks)"
+        body = json.dumps({"type": "notebook", "format": "json", "content": notebook}).encode()
+        saved = urllib.request.urlopen(urllib.request.Request(url, data=body, method="PUT",
+                                                              headers={"Content-Type": "application/json"}))
+        assert saved.status == 200
+    finally:
+        server.terminate()
+        log = server.communicate(timeout=30)[1]
+    assert (tmp_path / "nbs/stages/03_features.ipynb").read_bytes() == (REPO / "nbs/stages/03_features.ipynb").read_bytes()
+    assert "Pre-save hook" not in log, log
