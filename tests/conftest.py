@@ -75,7 +75,9 @@ def copy_project(destination: Path, params: dict | None = SMALL_PARAMS) -> Path:
 
 
 def write_params(project: Path, params: dict):
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    "params.yaml in the layout `dvc exp run -S` writes (what `mlops-notebooks stages check` asks for)."
+    from mlops_notebooks.tools.pipeline import dvc_layout
+    (project / "params.yaml").write_text(dvc_layout(yaml.safe_dump(params, sort_keys=False)))
 
 
 def dvc(project: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
