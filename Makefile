@@ -11,15 +11,19 @@ export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: env pipeline serve test test-all fuzz lab export bench lock docs docs-serve browser help retrain replay fremtpl2-frequency fremtpl2-pure-premium stack-up stack-down remote
+.PHONY: env hooks pipeline experiment report pr-comment pull push lint serve test test-all fuzz lab export bench lock docs docs-serve browser help retrain replay fremtpl2-frequency fremtpl2-pure-premium stack-up stack-down remote
 
 help:
-	@echo "make pipeline  - run the whole DVC pipeline (dvc repro) on the embedded default"
+	@echo "make pipeline  - run the whole DVC pipeline (dvc repro) on the embedded default, with a summary table"
+	@echo "make experiment SET='train.learning_rate=0.05' - the pipeline as a DVC experiment (dvc exp run -S ...)"
+	@echo "make report    - what this change does to the model, against AGAINST (default main): reports/change.md"
+	@echo "make hooks     - git hooks: pre-commit (nbdev-clean, export sync, ruff, stages check, ...) and the notebook merge driver"
+	@echo "make lint      - every pre-commit hook on every file (offline)"
 	@echo "make serve     - serve the registry's champion (host/port from settings.ini; after make pipeline)"
 	@echo "make test      - the fast tier: notebooks in sync and clean, contracts, nbdev-test, unit tests, one small pipeline"
 	@echo "make test-all  - everything (what CI runs): the fast tier, then the slow end-to-end tests"
 	@echo "make fuzz      - search for new damaged CSVs that break ingest/validate (not part of the tiers)"
-	@echo "make lab       - JupyterLab with the project's kernel"
+	@echo "make lab       - JupyterLab with the project's kernel (notebooks cleaned on save; git hooks installed)"
 	@echo "make export    - nbdev-export + nbdev-clean after editing notebooks"
 	@echo "make bench     - run every benchmark under benchmarks/"
 	@echo "make lock      - re-pin requirements.lock after changing pyproject.toml"
@@ -37,6 +41,7 @@ env: $(STAMP)
 # `uv pip sync`, not install: the venv holds exactly what the lock says, nothing left over from earlier installs.
 # --compile-bytecode: these machines set PYTHONDONTWRITEBYTECODE=1, so without it every import compiles from source.
 $(STAMP): requirements.lock pyproject.toml
+	@echo "== installing the locked dependencies into $(VENV) (a few minutes the first time; then only when the lock changes)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	test -x $(BIN)/uv || $(BIN)/python -m pip install --quiet --disable-pip-version-check uv==0.13.8
 	$(BIN)/uv pip sync --quiet --compile-bytecode --python $(BIN)/python requirements.lock
@@ -44,8 +49,42 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (mlops-notebooks)" >/dev/null
 	@touch $(STAMP)
 
+# `dvc repro` with DVC's own output, each stage's start/still-running/end lines, and a table of the stages at the end.
 pipeline: $(STAMP)
-	$(BIN)/dvc repro
+	$(BIN)/mlops-notebooks repro
+
+# The pipeline as a DVC experiment, e.g. make experiment SET="train.learning_rate=0.05 train.max_iter=300": DVC names
+# it (and so does its MLflow run); an experiment never moves @champion (register.promote_from). Compare with
+# `.venv/bin/dvc exp show --only-changed`.
+SET ?=
+experiment: $(STAMP)
+	$(BIN)/mlops-notebooks repro --exp $(foreach value,$(SET),-S $(value))
+
+# What a change does to the model, against a git ref: params, metrics with deltas, the gate, the monitor, the plots.
+AGAINST ?= main
+report: $(STAMP)
+	$(BIN)/mlops-notebooks report --against $(AGAINST) --output reports/change.md
+
+# CI on a pull request: the report as a comment (the gh CLI, with GH_TOKEN in the environment).
+pr-comment:
+	gh pr comment --edit-last --body-file reports/change.md || gh pr comment --body-file reports/change.md
+
+# The DVC remote (settings.ini dvc_remote; credentials from the environment).
+pull: $(STAMP)
+	$(BIN)/dvc pull --allow-missing
+
+push: $(STAMP)
+	$(BIN)/dvc push
+
+# Git hooks from the venv (offline): pre-commit's (.pre-commit-config.yaml) and the notebook merge and diff drivers
+# (.gitconfig, .gitattributes: a conflict in a notebook is resolved cell by cell by nbdev-merge).
+hooks: $(STAMP)
+	git config --local include.path ../.gitconfig
+	$(BIN)/pre-commit install --install-hooks >/dev/null
+	@echo "git hooks installed: pre-commit runs .pre-commit-config.yaml; notebooks merge cell by cell"
+
+lint: $(STAMP)
+	$(BIN)/pre-commit run --all-files
 
 serve: $(STAMP)
 	$(BIN)/mlops-notebooks serve
@@ -71,8 +110,13 @@ export: $(STAMP)
 	$(BIN)/nbdev-export
 	$(BIN)/nbdev-clean
 
-lab: $(STAMP)
-	$(BIN)/jupyter lab --notebook-dir=nbs
+# JupyterLab on nbs/ with the project's kernel; each notebook is cleaned by nbdev as it is saved (so saving one does not
+# dirty it for git or make test; nbdev's hook reads the path it is given from the working directory, hence `cd nbs`);
+# kernels get CurveZMQ keys; --allow-root in a container, where you are root.
+lab: $(STAMP) hooks
+	cd nbs && $(CURDIR)/$(BIN)/jupyter lab --FileContentsManager.pre_save_hook=nbdev.clean.clean_jupyter \
+	  --MappingKernelManager.default_kernel_name=python3 --MappingKernelManager.transport_encryption=auto \
+	  $(if $(filter 0,$(shell id -u)),--allow-root)
 
 bench: $(STAMP)
 	@for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done

@@ -33,11 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def sections():
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    from mlops_notebooks.stages.schema import DataParams
     from mlops_notebooks.stages.monitor import MonitorParams
     from mlops_notebooks.stages.register import RegisterParams
-    from mlops_notebooks.tools.replay import ReplayParams
+    from mlops_notebooks.stages.schema import DataParams
     from mlops_notebooks.stages.train import TrainParams
+    from mlops_notebooks.tools.replay import ReplayParams
     return (DataParams(**params["data"]), TrainParams(**params["train"]), RegisterParams(**params["register"]),
             MonitorParams(**params["monitor"]), ReplayParams(**params["replay"]))
 
@@ -77,6 +77,7 @@ def replays(seeds: list[int]) -> dict:
 
 def false_alarms(seeds: int, months_per_seed: int) -> dict:
     import pandas as pd
+
     from mlops_notebooks.stages.features import select_features, split_by_month
     from mlops_notebooks.stages.generator import generate_claims
     from mlops_notebooks.stages.monitor import monitor_batch
@@ -102,6 +103,7 @@ def false_alarms(seeds: int, months_per_seed: int) -> dict:
 
 def monitor_speed(rows: int, repeats: int) -> dict:
     import numpy as np
+
     from mlops_notebooks.stages.features import select_features
     from mlops_notebooks.stages.generator import generate_claims
     from mlops_notebooks.stages.monitor import monitor_batch

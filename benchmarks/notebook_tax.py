@@ -129,6 +129,7 @@ def snapshot_project(destination: Path) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
     (destination / "dvc.lock").unlink(missing_ok=True)   # cold: DVC must run every stage
+    (destination / ".venv").symlink_to(REPO / ".venv", target_is_directory=True)  # the stage commands' interpreter
     return destination
 
 
@@ -145,9 +146,9 @@ def out_path(entry) -> str:
 
 
 def papermill_paths(cmd: str) -> tuple[str, str, str]:
-    "Input notebook, output report and parameters file of a `papermill IN OUT -f PARAMS` command."
+    "Input notebook, output report and parameters file of a `... -m papermill IN OUT -f PARAMS` command."
     tokens = shlex.split(cmd)
-    if tokens[0] != "papermill":
+    if "papermill" not in tokens:
         raise ValueError(f"not a papermill stage: {cmd}")
     if any(token in ("-p", "--parameters", "-r", "--parameters_raw", "-y", "--parameters_yaml") for token in tokens):
         raise ValueError(f"only `-f params.yaml` is reproduced by the script prelude: {cmd}")
@@ -355,7 +356,7 @@ def timed_repro(project: Path, env: dict, log: Path) -> dict:
     return {"total_s": total, "cpu_s": children_cpu_s() - cpu_before,
             "load_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
             "startup_s": marks[0][1] if marks else total,
-            "stages": {name: end - begin for (name, begin), end in zip(marks, ends)}}
+            "stages": {name: end - begin for (name, begin), end in zip(marks, ends, strict=False)}}
 
 
 def locked_md5s(project: Path) -> dict:
@@ -390,7 +391,7 @@ def report_timings(report: Path) -> dict:
         "between_cells_s": 0.0,   # papermill saves the whole notebook after every cell (and before)
         "cells": {},
     }
-    for previous, cell in zip(cells, cells[1:]):
+    for previous, cell in zip(cells, cells[1:], strict=False):
         timings["between_cells_s"] += (parse_time(cell["metadata"]["papermill"]["start_time"])
                                        - parse_time(previous["metadata"]["papermill"]["end_time"])).total_seconds()
     kinds = {}
@@ -445,7 +446,7 @@ def timed_scripts_pass(project: Path, notebooks: dict, order: list[str], env: di
         process_s = time.perf_counter() - started
         marks = json.loads(marks_file.read_text())
         cells = {cell_id: {"kind": kind, "s": end - begin}
-                 for (_, _, begin), (cell_id, kind, end) in zip(marks, marks[1:])}
+                 for (_, _, begin), (cell_id, kind, end) in zip(marks, marks[1:], strict=False)}
         results[name] = {"process_s": process_s, "in_script_s": marks[-1][2] - marks[0][2], "cells": cells}
     return results
 
@@ -474,10 +475,11 @@ def probe_mlflow(project: Path, runs: int) -> dict:
     sys.path.insert(0, str(project))
     os.chdir(project)
     import mlflow  # noqa: F401  (the brief: time runs after `import mlflow`)
+
     import mlops_notebooks
     from mlops_notebooks.core.artifacts import flatten, lineage_tags, read_parquet
-    from mlops_notebooks.stages.schema import DataParams
     from mlops_notebooks.core.settings import configure_mlflow, load_settings, parse_params
+    from mlops_notebooks.stages.schema import DataParams
     from mlops_notebooks.stages.train import TrainParams, feature_frame, fit_model, log_training_run
     assert Path(mlops_notebooks.__file__).resolve().is_relative_to(project.resolve()), mlops_notebooks.__file__
 
@@ -637,8 +639,10 @@ def stage_breakdown(stage: str, runs: list[dict]) -> dict:
         return median([pick(run) for run in runs])
     nb_stage = med(lambda run: run["notebooks"]["cold"]["stages"][stage])
     sc_stage = med(lambda run: run["scripts"]["cold"]["stages"][stage])
-    report = lambda run: run["notebooks"]["reports"][stage]
-    cells = lambda run: run["scripts"]["script_cells"][stage]
+    def report(run):
+        return run["notebooks"]["reports"][stage]
+    def cells(run):
+        return run["scripts"]["script_cells"][stage]
     def script_kind(run, *kinds) -> float:
         return sum(cell["s"] for cell in cells(run)["cells"].values() if cell["kind"] in kinds)
     def notebook_kind(run, *kinds) -> float:
@@ -728,7 +732,7 @@ def build_record(args, runs: list[dict], tools: dict, mlflow_figures: dict, chec
         "added_per_stage_of_mins_s": round((min(run["cold"]["total_s"] for run in notebooks)
                                             - min(run["cold"]["total_s"] for run in scripts)) / len(stages), 3),
         "ratio_per_repeat": [round(nb["cold"]["total_s"] / sc["cold"]["total_s"], 3)
-                             for nb, sc in zip(notebooks, scripts)],
+                             for nb, sc in zip(notebooks, scripts, strict=False)],
         **paired_figures(paired, stages, cold_sc),
         # the same notebooks, each stage in a kernel of its own (`--engine stage-kernel`), in the same repeats
         "cold_repro_kernel_engine_s": cold_kernel,
@@ -745,7 +749,7 @@ def build_record(args, runs: list[dict], tools: dict, mlflow_figures: dict, chec
         "noop_floor_s": median([sample for run in notebooks for sample in run["floor_samples_s"]]),
         "noop_floor_samples_s": [round(sample, 3) for run in notebooks for sample in run["floor_samples_s"]],
         "noop_over_floor_s": median([noop - floor for run in notebooks
-                                     for noop, floor in zip(run["noop_samples_s"], run["floor_samples_s"])]),
+                                     for noop, floor in zip(run["noop_samples_s"], run["floor_samples_s"], strict=False)]),
         "mlflow_overhead_per_run_s": mlflow_figures["mlflow_overhead_per_run_s"],
         "mlflow_import_s": tools["mlflow_import_s"],
         "mlflow_first_run_s": mlflow_figures["mlflow_first_run_s"],

@@ -40,7 +40,8 @@ def main():
     sizes = sorted(args.sizes)
     if len(sizes) > 1:
         first, last = sizes[0], sizes[-1]
-        name = lambda size: f"claims_{size // 1_000_000}m" if size % 1_000_000 == 0 else f"claims_{size}"
+        def name(size):
+            return f"claims_{size // 1_000_000}m" if size % 1_000_000 == 0 else f"claims_{size}"
         # Seconds per million claims at the largest size over the smallest: 1.0 means linear growth.
         figures["wall_per_row_ratio_largest_to_smallest"] = round(
             (figures[f"{name(last)}_wall_s"] / last) / (figures[f"{name(first)}_wall_s"] / first), 3)

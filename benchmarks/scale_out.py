@@ -33,8 +33,8 @@ CHUNK = 1_000_000
 
 # One measured step, run as `python scale_out.py --step NAME --folder F [--scheduler A]`: it prints one JSON line.
 def step(name: str, folder: Path, scheduler: str):
-    import numpy as np
     import pandas as pd
+
     from mlops_notebooks.core.artifacts import write_parquet
     from mlops_notebooks.stages.evaluate import cost_metrics
     from mlops_notebooks.stages.features import FeaturesParams, select_features, split_claims
@@ -93,6 +93,7 @@ def generate(folder: Path, rows: int):
     "`rows` synthetic claims over 24 report months, a million at a time, into folder/claims.parquet."
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     from mlops_notebooks.stages.generator import generate_claims
     writer = None
     for number, first in enumerate(range(0, rows, CHUNK)):
@@ -137,7 +138,8 @@ def main():
                 for _ in range(args.repeats if purpose == "features" else 1):
                     for name in runs:
                         runs[name].append(run_step(name, folder, info.dask_scheduler))
-                median = lambda name, key: statistics.median(run[key] for run in runs[name])
+                def median(name, key, runs=runs):  # bound now: the closure is used in this iteration only
+                    return statistics.median(run[key] for run in runs[name])
                 if purpose == "features":
                     figures[f"pandas_{label}_wall_s"] = median("features-pandas", "wall_s")
                     figures[f"dask_{label}_wall_s"] = median("features-dask", "wall_s")
@@ -150,7 +152,8 @@ def main():
                     continue
                 trains = {name: [run_step(name, folder, info.dask_scheduler) for _ in range(args.repeats)]
                           for name in ["train-hgb", "train-xgb-dask"]}
-                median = lambda name, key: statistics.median(run[key] for run in trains[name])
+                def median(name, key, trains=trains):
+                    return statistics.median(run[key] for run in trains[name])
                 figures[f"hgb_{label}_wall_s"] = median("train-hgb", "wall_s")
                 figures[f"xgb_dask_{label}_wall_s"] = median("train-xgb-dask", "wall_s")
                 figures[f"hgb_peak_rss_gb_{label}"] = median("train-hgb", "peak_rss_gb")

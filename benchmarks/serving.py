@@ -73,6 +73,7 @@ def make_project(destination: Path) -> Path:
             (destination / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / relative, destination / relative)
     (destination / "dvc.lock").unlink(missing_ok=True)
+    (destination / ".venv").symlink_to(REPO / ".venv", target_is_directory=True)  # the stage commands' interpreter
     for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench copy"],
                     [str(BIN / "dvc"), "repro"]):
         subprocess.run(command, cwd=destination, env=project_env(), check=True, capture_output=True)

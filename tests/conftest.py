@@ -64,6 +64,8 @@ def copy_project(destination: Path, params: dict | None = SMALL_PARAMS) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
     (destination / "dvc.lock").unlink(missing_ok=True)
+    # The stage commands run the project's interpreter, "$DVC_ROOT"/.venv/bin/python: the copy shares this one.
+    (destination / ".venv").symlink_to(REPO / ".venv", target_is_directory=True)
     if params is not None:
         write_params(destination, merge(yaml.safe_load((REPO / "params.yaml").read_text()), params))
     run(["git", "init", "-q"], destination)
@@ -73,7 +75,9 @@ def copy_project(destination: Path, params: dict | None = SMALL_PARAMS) -> Path:
 
 
 def write_params(project: Path, params: dict):
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    "params.yaml in the layout `dvc exp run -S` writes (what `mlops-notebooks stages check` asks for)."
+    from mlops_notebooks.tools.pipeline import dvc_layout
+    (project / "params.yaml").write_text(dvc_layout(yaml.safe_dump(params, sort_keys=False)))
 
 
 def dvc(project: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -1,8 +1,7 @@
 """A bad param, a broken or incomplete file, a missing input: one clear message, nothing half-written."""
-import yaml
-
-from conftest import BIN, copy_project, dvc, merge, run, write_params
 import pytest
+import yaml
+from conftest import BIN, copy_project, dvc, merge, run, write_params
 
 pytestmark = pytest.mark.slow  # `make test-all` (CI) runs it; `make test` does not
 
@@ -72,10 +71,11 @@ def test_a_few_bad_rows_are_quarantined_with_their_reason(tmp_path):
     _with_params(project, {"data": {"source": "data/sources/claims.csv"}})
     dvc(project, "repro", "validate")
     import json
+
     import pandas as pd
     quarantine = pd.read_parquet(project / "data/quarantine/claims.parquet")
     assert sorted(quarantine["claim_id"]) == [6, 10]
-    reasons = dict(zip(quarantine["claim_id"], quarantine["reason"]))
+    reasons = dict(zip(quarantine["claim_id"], quarantine["reason"], strict=True))
     assert reasons[6] == "ultimate_cost: greater_than(0)" and reasons[10].startswith("region: isin(")
     clean = pd.read_parquet(project / "data/interim/claims.parquet")
     assert len(clean) == 1998 and not clean["claim_id"].isin([6, 10]).any()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -11,8 +10,8 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 import yaml
+from conftest import BIN, REPO, copy_project, dvc, run, write_params
 
-from conftest import BIN, REPO, copy_project, dvc, run
 from mlops_notebooks.tools.pipeline import check_project
 
 CLI = str(BIN / "mlops-notebooks")
@@ -40,7 +39,7 @@ def edit_contract(project: Path, notebook: str, old: str, new: str):
 def edit_params(project: Path, change):
     params = yaml.safe_load((project / "params.yaml").read_text())
     change(params)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_params(project, params)  # in the layout `dvc exp run -S` writes
 
 
 # --- stale dvc.yaml -------------------------------------------------------------------------------------------

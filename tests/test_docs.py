@@ -10,9 +10,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
-
 from chromium import Chromium
 from conftest import BIN, REPO, copy_project, run
+
 from mlops_notebooks.tools.docs import NO_REPORTS, broken_links, library_notebooks
 
 pytestmark = pytest.mark.slow  # `make test-all` (CI) runs it; `make test` does not

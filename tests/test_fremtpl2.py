@@ -8,7 +8,6 @@ import shutil
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import REPO, copy_project, dvc
 
 pytestmark = pytest.mark.slow  # `make test-all` (CI) runs it; `make test` does not

@@ -2,12 +2,11 @@
 import json
 import shutil
 
-import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import dvc, run, set_params
 
-from conftest import dvc, set_params
 from mlops_notebooks.core.artifacts import file_md5
 from mlops_notebooks.stages.features import select_features, split_by_month
 from mlops_notebooks.stages.generator import CLAIMS_DATA, DriftKnobs, generate_claims
@@ -96,6 +95,7 @@ def monitored(repro_project, tmp_path):
     project = tmp_path / "project"
     shutil.copytree(repro_project, project, symlinks=True)
     set_params(project, {"monitor": {"min_rows": 100}})
+    run(["git", "commit", "-qam", "monitor.min_rows 100"], project)  # a clean tree: a re-trained model may be promoted
     return project
 
 

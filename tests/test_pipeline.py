@@ -7,8 +7,8 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-
 from conftest import copy_project, dvc, merge, set_params, write_params
+
 from mlops_notebooks.core.artifacts import file_md5
 
 

@@ -1,15 +1,13 @@
 """The registry gate on a real MLflow store (SQLite): promotion, rejection, idempotency, audit, concurrency."""
 import json
-import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import yaml
-from mlflow import MlflowClient
-
 from conftest import BIN, copy_project, dvc, run, set_params
+from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow  # `make test-all` (CI) runs it; `make test` does not
 
@@ -53,10 +51,16 @@ def lifecycle(tmp_path_factory):
     steps["again"] = (decision(project), registry_state(project))
     for name, override in [("worse", WORSE), ("better", BETTER), ("diverged", DIVERGED)]:
         set_params(project, override)
+        run(["git", "commit", "-qam", f"{name} params"], project)  # a clean tree: the gate may promote
         dvc(project, "repro")
         steps[name] = (decision(project), registry_state(project))
         set_params(project, {"train": yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())["train"]})
         set_params(project, {"train": {"max_iter": 40}})
+        run(["git", "commit", "-qam", "back"], project)
+    # Uncommitted: the champion's own params again, a fresh run (no run cache) and a gate it passes by a 0% margin.
+    set_params(project, {**BETTER, "register": {"min_relative_improvement": 0.0}})
+    dvc(project, "repro", "--no-run-cache")
+    steps["dirty"] = (decision(project), registry_state(project))
     return project, steps
 
 
@@ -104,23 +108,31 @@ def test_a_diverged_model_is_never_promoted(lifecycle):
     assert state["aliases"] == {"champion": "3", "challenger": "4"}
 
 
+def test_a_challenger_from_a_dirty_tree_does_not_move_the_champion(lifecycle):
+    _, steps = lifecycle
+    record, state = steps["dirty"]
+    assert record["outcome"] == "passed_not_promoted", record["checks"]
+    assert record["provenance"]["kind"] == "dirty" and "uncommitted changes" in record["provenance"]["reason"]
+    assert state["aliases"] == {"champion": "3", "challenger": "5"}
+
+
 def test_every_version_carries_lineage_and_its_decision(lifecycle):
     project, _ = lifecycle
     client = client_for(project)
     lock_hashes = {out["path"]: out["md5"] for stage in yaml.safe_load((project / "dvc.lock").read_text())["stages"].values()
                    for out in stage.get("outs", [])}
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    commits = set(subprocess.run(["git", "rev-list", "HEAD"], cwd=project, capture_output=True, text=True).stdout.split())
     for version in client.search_model_versions(f"name='{MODEL}'"):
         tags = version.tags
-        assert tags["lineage.git_commit"] == head
+        assert tags["lineage.git_commit"] in commits
         assert tags["lineage.run_id"] == version.run_id
         assert {"lineage.training_window", "lineage.train_rows", "lineage.evaluation_rows", "lineage.reports",
                 "lineage.params.train.learning_rate", "decision.outcome", "decision.record"} <= set(tags)
         assert json.loads(tags["decision.record"])["challenger"]["version"] == int(version.version)
-    newest = client.get_model_version(MODEL, "4")
+    diverged, newest = client.get_model_version(MODEL, "4"), client.get_model_version(MODEL, "5")
+    assert diverged.tags["lineage.git_dirty"] == "false" and diverged.tags["lineage.params.data.objective"] == "poisson"
     assert newest.tags["lineage.git_dirty"] == "true", "params.yaml was edited and not committed"
     assert newest.tags["lineage.data.data/processed/test.parquet"] == lock_hashes["data/processed/test.parquet"]
-    assert newest.tags["lineage.params.data.objective"] == "poisson"
 
 
 def test_audit_matches_the_registry(lifecycle):
@@ -193,6 +205,7 @@ def test_two_register_runs_at_once_end_with_one_champion(tmp_path):
     ordinary = copy_project(tmp_path / "ordinary")
     better = copy_project(tmp_path / "better")
     set_params(better, BETTER)
+    run(["git", "commit", "-qam", "better params"], better)  # a clean tree: its gate may promote
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda project: dvc(project, "repro", "evaluate", env=shared), [ordinary, better]))
         results = list(pool.map(lambda project: dvc(project, "repro", "register", check=False, env=shared),

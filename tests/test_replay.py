@@ -4,7 +4,6 @@ import sys
 
 import pandas as pd
 import pytest
-
 from conftest import copy_project, run, set_params
 
 pytestmark = pytest.mark.slow  # `make test-all` (CI) runs it; `make test` does not

@@ -4,7 +4,6 @@ the session's pipeline project and is stopped by its pid."""
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import signal
 import socket
@@ -19,7 +18,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-
 from conftest import BIN, project_env, run
 
 pytestmark = pytest.mark.slow  # `make test-all` (CI) runs it; `make test` does not

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-
 from conftest import BIN, REPO
 
 NOTEBOOKS = sorted(path for path in (REPO / "nbs").rglob("*.ipynb") if ".ipynb_checkpoints" not in path.parts)

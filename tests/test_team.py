@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import secrets
 import shutil
 import subprocess
@@ -16,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-
 from conftest import BIN, SMALL_PARAMS, copy_project, dvc, merge, project_env, run
+
 from mlops_notebooks.tools.team import StackPorts, alive, free_port, load_stack, s3_client, start_stack, stop_stack
 
 pytestmark = pytest.mark.slow  # `make test-all` (CI) runs it; `make test` does not
@@ -133,11 +132,12 @@ def test_pipeline_on_the_team_stack(stack, team_project, monkeypatch):
         pipeline = mlflow.sklearn.load_model(f"models:/{MODEL}@champion")
     assert type(pipeline.named_steps["model"]).__name__ == "XGBRegressor"
     # The cluster's outputs are the embedded default's: the same claims, the same checks, the same split.
-    from mlops_notebooks.stages.features import FeaturesParams, split_claims, select_features
+    import yaml
+
+    from mlops_notebooks.stages.features import FeaturesParams, select_features, split_claims
     from mlops_notebooks.stages.ingest import IngestParams, ingest_claims
     from mlops_notebooks.stages.schema import DataParams
     from mlops_notebooks.stages.validate import ValidateParams, check_claims
-    import yaml
     params = yaml.safe_load((team_project / "params.yaml").read_text())
     declared = DataParams(**params["data"])
     raw = ingest_claims(declared, IngestParams(**params["ingest"]), team_project)

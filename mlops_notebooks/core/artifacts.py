@@ -21,8 +21,8 @@ import yaml
 from .settings import DataError
 
 # %% auto #0
-__all__ = ['NEWLINE', 'TABLE_SUFFIXES', 'new_file_mode', 'atomic_path', 'atomic_directory', 'write_parquet', 'write_json',
-           'read_parquet', 'first_non_utf8', 'read_table', 'incoming_files', 'file_md5', 'git_state',
+__all__ = ['NEWLINE', 'TABLE_SUFFIXES', 'DVC_EXPERIMENT', 'new_file_mode', 'atomic_path', 'atomic_directory', 'write_parquet',
+           'write_json', 'read_parquet', 'first_non_utf8', 'read_table', 'incoming_files', 'file_md5', 'git_state',
            'dvc_locked_hashes', 'flatten', 'lineage_tags']
 
 # %% ../../nbs/core/01_artifacts.ipynb #c004
@@ -219,6 +219,8 @@ def flatten(mapping:dict, prefix:str="") -> dict:
             flat[name] = value
     return flat
 
+DVC_EXPERIMENT = "DVC_EXP_NAME"   # what DVC names the experiment a stage command runs in
+
 def lineage_tags(root:Path|str,     # project root
                  inputs:list[str],  # input data files, relative to the root
                  params:dict,       # the params sections that shaped the result, by section name
@@ -232,4 +234,8 @@ def lineage_tags(root:Path|str,     # project root
     for key, value in flatten(params).items():
         tags[f"lineage.params.{key}"] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     tags["lineage.reports"] = ",".join(reports)
+    experiment = os.environ.get(DVC_EXPERIMENT, "")
+    if experiment:
+        tags["lineage.dvc_experiment"] = experiment
+        tags["mlflow.runName"] = experiment
     return tags

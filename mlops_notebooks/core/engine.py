@@ -5,9 +5,10 @@
 # %% auto #0
 __all__ = ['PIPELINE_DIRECTIVES', 'PYTHON_LANGUAGE_INFO', 'USER_ERROR_NAMES', 'FAILED_REPORTS', 'CellOutputs', 'CellStream',
            'in_process_shell_class', 'runs_in_this_python', 'can_run_in_process', 'with_working_directory',
-           'kernel_like_process', 'runs_in_pipeline', 'mark_skipped_cells', 'execute_cells_in_process', 'stage_engines',
-           'StageEngine', 'StageKernelEngine', 'OutputNotWritten', 'declared_outputs', 'keep_failed_report',
-           'restore_last_good', 'failure_note', 'report_failures_briefly', 'check_outputs_written']
+           'kernel_like_process', 'runs_in_pipeline', 'mark_skipped_cells', 'execute_cells_in_process', 'StageProgress',
+           'stage_engines', 'encrypted_kernel_manager', 'StageEngine', 'StageKernelEngine', 'OutputNotWritten',
+           'declared_outputs', 'keep_failed_report', 'restore_last_good', 'failure_note', 'report_failures_briefly',
+           'check_outputs_written']
 
 # %% ../../nbs/core/04_engine.ipynb #c010
 import atexit
@@ -170,9 +171,10 @@ def runs_in_this_python(kernel_name:str) -> bool:
     this_python = {"python", f"python{sys.version_info[0]}", "python{}.{}".format(*sys.version_info[:2])}
     if spec.argv[0] in this_python:
         return True
-    # the same venv (same bin folder) and the same binary: `.venv/bin/python` and `.venv/bin/python3` are one Python
+    # the same venv (same bin folder, also through a symlinked `.venv`) and the same binary: `.venv/bin/python` and
+    # `.venv/bin/python3` are one Python
     kernel_python, papermill_python = os.path.abspath(spec.argv[0]), os.path.abspath(sys.executable)
-    return (os.path.dirname(kernel_python) == os.path.dirname(papermill_python)
+    return (os.path.realpath(os.path.dirname(kernel_python)) == os.path.realpath(os.path.dirname(papermill_python))
             and os.path.realpath(kernel_python) == os.path.realpath(papermill_python))
 
 def can_run_in_process(kernel_name:str, execution_timeout=None) -> bool:
@@ -283,6 +285,60 @@ def execute_cells_in_process(nb_man, log=None, log_output:bool=False, stdout_fil
             finally:
                 nb_man.cell_complete(cell, cell_index=index)
 
+# %% ../../nbs/core/04_engine.ipynb #c017h
+def _duration(seconds:float) -> str:
+    "`12.3 s` or `2 min 05 s`."
+    return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+
+class StageProgress:
+    "Start, still-running and end lines of one stage run, written to `stream` (a background thread ticks)."
+    def __init__(self, label:str, stream=None, every:float=30.0, clock=time.monotonic):
+        self.label, self.every, self.clock = label, every, clock
+        self.stream = stream if stream is not None else sys.__stderr__
+        self.started = self.cell_started = self.last_line = None
+        self.cell_index, self.cell_line = None, ""
+        self._stop = None
+
+    def say(self, text:str):
+        self.stream.write(f"[{self.label}] {text}\n")
+        self.stream.flush()
+
+    def start(self, cells:int, notebook:str):
+        self.started = self.last_line = self.clock()
+        self.say(f"{notebook}: {cells} cells to run")
+
+    def cell(self, index:int, source:str):
+        self.cell_index, self.cell_started = index, self.clock()
+        self.cell_line = next((line.strip() for line in source.splitlines()
+                               if line.strip() and not line.lstrip().startswith("#")), "")
+
+    def cell_done(self):
+        self.cell_index = self.cell_started = None
+
+    def tick(self):
+        "Say which cell is running once it and the last line are `every` seconds old."
+        now = self.clock()
+        if self.cell_started is not None and now - self.cell_started >= self.every and now - self.last_line >= self.every:
+            line = self.cell_line if len(self.cell_line) <= 70 else self.cell_line[:67] + "..."
+            self.say(f"cell [{self.cell_index}] running for {_duration(now - self.cell_started)}: {line}")
+            self.last_line = now
+
+    def end(self, failed:bool):
+        self.say(f"{'failed after' if failed else 'done in'} {_duration(self.clock() - self.started)}")
+
+    def run_ticker(self):
+        "Tick every second in a daemon thread until `stop_ticker`."
+        import threading
+        self._stop = threading.Event()
+        def ticking():
+            while not self._stop.wait(1.0):
+                self.tick()
+        threading.Thread(target=ticking, name="stage-progress", daemon=True).start()
+
+    def stop_ticker(self):
+        if self._stop is not None:
+            self._stop.set()
+
 # %% ../../nbs/core/04_engine.ipynb #c004
 @cache
 def stage_engines() -> tuple[type, type]:
@@ -309,10 +365,14 @@ def stage_engines() -> tuple[type, type]:
         def cell_start(self, cell, cell_index=None, **kwargs):
             with self._without_saving():  # papermill saves here and in `cell_complete`, for live viewers only
                 super().cell_start(cell, cell_index, **kwargs)
+            if _RUNNING["progress"] is not None and cell.cell_type == "code":
+                _RUNNING["progress"].cell(cell_index, cell.source)
 
         def cell_complete(self, cell, cell_index=None, **kwargs):
             with self._without_saving():
                 super().cell_complete(cell, cell_index, **kwargs)
+            if _RUNNING["progress"] is not None:
+                _RUNNING["progress"].cell_done()
 
     class ImmediateShutdownEngine(NBClientEngine):
         "A kernel per notebook, killed as soon as the last cell has answered."
@@ -332,7 +392,8 @@ def stage_engines() -> tuple[type, type]:
 
         @classmethod
         def execute_managed_notebook(cls, nb_man, kernel_name, **kwargs):
-            return super().execute_managed_notebook(nb_man, kernel_name, **{**kwargs, "shutdown_kernel": "immediate"})
+            return super().execute_managed_notebook(nb_man, kernel_name, **{
+                **kwargs, "shutdown_kernel": "immediate", "kernel_manager_class": encrypted_kernel_manager()})
 
     class InProcessEngine(ImmediateShutdownEngine):
         "In papermill's process when it may (`can_run_in_process`), else a kernel killed at the end."
@@ -346,7 +407,24 @@ def stage_engines() -> tuple[type, type]:
 
     return ImmediateShutdownEngine, InProcessEngine
 
+# %% ../../nbs/core/04_engine.ipynb #c004d
+@cache
+def encrypted_kernel_manager() -> type:
+    "jupyter_client's kernel manager, giving a kernel CurveZMQ keys when its kernelspec supports them."
+    import zmq
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+
+    class EncryptedKernelManager(AsyncKernelManager):
+        @default("transport_encryption")
+        def _auto_when_possible(self):
+            return "auto" if zmq.has("curve") else "disabled"
+
+    return EncryptedKernelManager
+
 # %% ../../nbs/core/04_engine.ipynb #c004b
+_RUNNING = {"progress": None}  # the running stage's StageProgress, when the terminal gets lines
+
 class _EngineFront:
     "What papermill calls on an engine, handed to the real engine class made on first use."
     _which = 0
@@ -357,13 +435,32 @@ class _EngineFront:
 
     @classmethod
     def execute_notebook(cls, nb, kernel_name, **kwargs):
-        mark_skipped_cells(nb)
+        from mlops_notebooks.core.stage import PIPELINE_RUN
+        skipped = mark_skipped_cells(nb)
         input_path, output_path = kwargs.get("input_path"), kwargs.get("output_path")
+        progress = None
+        if os.environ.get("DVC_STAGE"):  # under DVC: the lines its own output lacks
+            progress = StageProgress(os.environ["DVC_STAGE"])
+            progress.start(sum(cell.cell_type == "code" for cell in nb.cells) - skipped, str(input_path))
+            progress.run_ticker()
+        _RUNNING["progress"] = progress
+        # start_stage writes the pipeline's outputs and MLflow runs only when this is set (a kernel inherits it)
+        previous, os.environ[PIPELINE_RUN] = os.environ.get(PIPELINE_RUN), str(input_path or "a stage notebook")
+        failed = True
         try:
             executed = cls.engine().execute_notebook(nb, kernel_name, **kwargs)
+            failed = bool(executed.metadata.get("papermill", {}).get("exception"))
         finally:
+            _RUNNING["progress"] = None
+            if previous is None:
+                os.environ.pop(PIPELINE_RUN, None)
+            else:
+                os.environ[PIPELINE_RUN] = previous
+            if progress is not None:
+                progress.stop_ticker()
+                progress.end(failed)
             report_failures_briefly(input_path, output_path)
-        if not executed.metadata.get("papermill", {}).get("exception"):
+        if not failed:
             check_outputs_written(input_path, output_path)
         return executed
 

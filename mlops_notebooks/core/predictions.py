@@ -43,7 +43,7 @@ def log_rows(request_id:str, logged_at:str, model_name:str, model_version:int,
     import math
     return [(request_id, row, logged_at, model_name, model_version, orjson.dumps(record).decode(),
              prediction if math.isfinite(prediction) else None)
-            for row, (record, prediction) in enumerate(zip(records, predictions))]
+            for row, (record, prediction) in enumerate(zip(records, predictions, strict=True))]
 
 # %% ../../nbs/core/06_predictions.ipynb #c006
 def read_prediction_log(path:Path|str,           # the prediction log (SQLite)

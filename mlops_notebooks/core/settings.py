@@ -154,11 +154,12 @@ def load_settings(root:Path|str|None=None, # project root; found from the curren
     uri_origin = ("MLFLOW_TRACKING_URI (from the environment)" if "MLFLOW_TRACKING_URI" in environ
                   else _origin("tracking_uri", path, environ))
     uri = check_tracking_uri(environ.get("MLFLOW_TRACKING_URI", values["tracking_uri"]), uri_origin)
-    values["tracking_uri"] = _anchor_sqlite(uri, root)
-    values["prediction_log"] = str((root / values["prediction_log"]).resolve())  # an absolute path stays as it is
-    values["champion_snapshot"] = str((root / values["champion_snapshot"]).resolve())
+    anchor = Path(environ.get("DVC_ROOT") or root)  # the project, also from a temporary copy DVC runs in
+    values["tracking_uri"] = _anchor_sqlite(uri, anchor)
+    values["prediction_log"] = str((anchor / values["prediction_log"]).resolve())  # an absolute path stays as it is
+    values["champion_snapshot"] = str((anchor / values["champion_snapshot"]).resolve())
     if "://" not in values["dvc_remote"]:  # a local folder remote, anchored like the prediction log
-        values["dvc_remote"] = str((root / values["dvc_remote"]).resolve())
+        values["dvc_remote"] = str((anchor / values["dvc_remote"]).resolve())
     return Settings(**values)
 
 # %% ../../nbs/core/00_settings.ipynb #c016
@@ -241,7 +242,8 @@ def configure_mlflow(settings:Settings, root:Path) -> str:
         experiment = mlflow.get_experiment_by_name(settings.experiment_name)
         if experiment is None:
             local = settings.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in settings.tracking_uri
-            location = (root / "mlartifacts").resolve().as_uri() if local else None
+            beside = Path(settings.tracking_uri[len("sqlite:///"):]).parent if settings.tracking_uri.startswith("sqlite:///") else root
+            location = (beside / "mlartifacts").resolve().as_uri() if local else None
             experiment_id = mlflow.create_experiment(settings.experiment_name, artifact_location=location)
         else:
             experiment_id = experiment.experiment_id

@@ -5,18 +5,22 @@
 # %% ../../nbs/core/03_stage.ipynb #c003
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
 import yaml
 
 from .contracts import Contract, ContractError, find_contract, guard_undeclared_reads
-from .settings import (ParamsError, Settings, StageParams, brief_user_errors, load_settings,
-                                           parse_params, project_root, section_model)
+from .settings import (ParamsError, Settings, StageParams, UserError, brief_user_errors,
+                                           load_settings, parse_params, project_root, section_model)
 
 # %% auto #0
-__all__ = ['SMALL_PARAMS', 'merged', 'read_yaml', 'interactive_params', 'Named', 'Stage', 'start_stage']
+__all__ = ['SMALL_PARAMS', 'PIPELINE_RUN', 'SCRATCH', 'merged', 'read_yaml', 'interactive_params', 'Named', 'Stage',
+           'in_pipeline_run', 'scratch_settings', 'scratch_output', 'interactive_input', 'check_interactive_inputs',
+           'start_stage']
 
 # %% ../../nbs/core/03_stage.ipynb #c005
 SMALL_PARAMS = "params.small.yaml"   # overrides of params.yaml for interactive runs and the fast test tier
@@ -88,11 +92,13 @@ class Stage:
     params: Named        # section name -> parsed params model
     inputs: Named        # input name -> path
     outputs: Named       # output, metrics and plots name -> path
+    interactive: bool = False  # started by a person (JupyterLab, nbdev-test), not by the stage engine
 
     @cached_property
     def settings(self) -> Settings:
-        "Where things live (`settings.ini` and the environment), read on first use."
-        return load_settings(self.root)
+        "Where things live (`settings.ini` and the environment), read on first use; an interactive run's are scratch."
+        settings = load_settings(self.root)
+        return scratch_settings(settings, self.root) if self.interactive else settings
 
     @property
     def report(self) -> Path:
@@ -103,7 +109,53 @@ class Stage:
         "A declared path as the contract writes it, relative to the project root (for lineage and messages)."
         return Path(path).relative_to(self.root).as_posix()
 
+# %% ../../nbs/core/03_stage.ipynb #c011c
+PIPELINE_RUN = "MLOPS_PIPELINE_RUN"  # set by the stage engine while it runs a stage notebook
+SCRATCH = "scratch"                  # where interactive runs write (git-ignored; never a DVC output)
+
+def in_pipeline_run() -> bool:
+    "Whether the stage engine runs this notebook (else a person does: JupyterLab, nbdev-test, a plain papermill)."
+    return bool(os.environ.get(PIPELINE_RUN))
+
+def scratch_settings(settings:Settings, root:Path) -> Settings:
+    "`settings` for an interactive run: MLflow store, registry and artifacts under `scratch/`, names saying so."
+    store = (Path(root) / SCRATCH / "mlflow.db").resolve()
+    return replace(settings, tracking_uri=f"sqlite:///{store}", experiment_name=f"scratch-{settings.experiment_name}",
+                   registered_model_name=f"scratch-{settings.registered_model_name}")
+
+def scratch_output(root:Path, stage:str, path:str) -> Path:
+    "Where an interactive run of `stage` writes its declared output `path`."
+    return Path(root) / SCRATCH / stage / path
+
+def interactive_input(root:Path, path:str) -> Path:
+    "An input for an interactive run: the scratch copy an interactive run of its stage wrote, else the pipeline's."
+    copies = sorted((Path(root) / SCRATCH).glob(f"*/{path}"), key=lambda copy: copy.stat().st_mtime)
+    return copies[-1] if copies else Path(root) / path
+
+# %% ../../nbs/core/03_stage.ipynb #c011f
+def check_interactive_inputs(stage:str, inputs:dict, root:Path):
+    "`UserError` when an interactive run would read a pipeline's record of an MLflow run (it lives in the real store)."
+    for path in inputs.values():
+        if path.suffix != ".json" or not path.is_file() or Path(root) / SCRATCH in path.parents:
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            continue  # not a run record; the stage reports a broken file itself
+        if isinstance(record, dict) and "run_id" in record:
+            relative = path.relative_to(root).as_posix()
+            raise UserError(f"{relative} records MLflow run {record['run_id']} of the pipeline's store, which an "
+                            f"interactive run of {stage} does not touch: run the notebook that writes it here first "
+                            f"(its interactive run writes scratch/<stage>/{relative}), or run the pipeline: "
+                            f"`.venv/bin/dvc repro {stage}`")
+
 # %% ../../nbs/core/03_stage.ipynb #c012
+def _interactive_note(stage:str, inputs:dict, settings:Settings, root:Path) -> str:
+    read = ", ".join(f"{name} <- {Path(path).relative_to(root).as_posix()}" for name, path in inputs.items())
+    return (f"interactive run of {stage}: outputs go to {SCRATCH}/{stage}/, MLflow runs and the registry to "
+            f"{SCRATCH}/mlflow.db (experiment and model '{settings.experiment_name}'); the pipeline's files, runs and "
+            f"registry stay as they are." + (f" Reads: {read}." if read else ""))
+
 def start_stage(name:str,   # the stage, as its contract names it
                 **sections, # each params.yaml section the contract declares, as papermill injected it
                ) -> Stage:
@@ -115,8 +167,18 @@ def start_stage(name:str,   # the stage, as its contract names it
         raise ContractError(f"{contract.notebook}: start_stage('{name}') was given params {sorted(sections)}; "
                             f"its contract declares {sorted(contract.params)}")
     params = {section: parse_params(section_model(section), section, values) for section, values in sections.items()}
+    interactive = not in_pipeline_run()
+    if interactive:
+        inputs = {entry.name: interactive_input(root, entry.path) for entry in contract.inputs}
+        outputs = {entry.name: scratch_output(root, name, entry.path) for entry in contract.written}
+        check_interactive_inputs(name, inputs, root)
+    else:
+        inputs = {entry.name: root / entry.path for entry in contract.inputs}
+        outputs = {entry.name: root / entry.path for entry in contract.written}
     guard_undeclared_reads(contract, root)
     owner = f"stage {name} ({contract.notebook})"
-    return Stage(name, root, contract, Named("params", owner, params),
-                 Named("inputs", owner, {entry.name: root / entry.path for entry in contract.inputs}),
-                 Named("outputs", owner, {entry.name: root / entry.path for entry in contract.written}))
+    stage = Stage(name, root, contract, Named("params", owner, params), Named("inputs", owner, inputs),
+                  Named("outputs", owner, outputs), interactive)
+    if interactive:
+        print(_interactive_note(name, inputs, stage.settings, root))
+    return stage

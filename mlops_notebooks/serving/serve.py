@@ -57,15 +57,16 @@ def input_specs(signature) -> list[dict]:
              "required": bool(getattr(spec, "required", True))} for spec in signature.inputs.inputs]
 
 def signature_columns(signature,          # the model's `mlflow.models.ModelSignature`
-                      categories:dict={}, # column -> categories the model was trained on
+                      categories:dict|None=None, # column -> categories the model was trained on
                      ) -> list[InputColumn]:
     "The input contract from an MLflow signature: one `InputColumn` per input, in the model's order."
     return spec_columns(input_specs(signature), categories)
 
 def spec_columns(specs:list[dict],   # `{name, type, required}` per input, as `input_specs` gives them
-                 categories:dict={}, # column -> categories the model was trained on
+                 categories:dict|None=None, # column -> categories the model was trained on
                 ) -> list[InputColumn]:
     "The input contract from a signature's inputs as plain data."
+    categories = categories or {}
     return [InputColumn(spec["name"], spec["type"], nullable=not spec["required"],
                         categories=tuple(categories.get(spec["name"], ()))) for spec in specs]
 
@@ -76,7 +77,7 @@ def encoder_categories(model) -> dict:
     encode = getattr(model, "named_steps", {}).get("encode")
     for _, transformer, names in getattr(encode, "transformers_", []):
         if isinstance(transformer, OrdinalEncoder):
-            for name, values in zip(names, transformer.categories_):
+            for name, values in zip(names, transformer.categories_, strict=True):
                 found[name] = [value for value in values if isinstance(value, str)]
     return found
 
@@ -153,7 +154,7 @@ class FastEncoding:
     def matrix(self, records:list[dict]) -> np.ndarray:
         "The booster's input matrix for validated records."
         nan = float("nan")
-        encoded = [[codes.get(record[name], nan) for record in records] for name, codes in zip(self.categorical, self.codes)]
+        encoded = [[codes.get(record[name], nan) for record in records] for name, codes in zip(self.categorical, self.codes, strict=True)]
         numbers = [[nan if record[name] is None else record[name] for record in records] for name in self.numeric]
         return np.array(encoded + numbers, dtype="float64").T
 
@@ -188,7 +189,8 @@ class TreeliteTrees:
 class CompiledTrees:
     "The trees compiled to C by TL2cgen and loaded as a shared library."
     def __init__(self, library:Path):
-        import os, tl2cgen
+        import os
+        import tl2cgen
         self.library = library
         self.one = tl2cgen.Predictor(library, nthread=1)
         self.every_core = tl2cgen.Predictor(library, nthread=os.cpu_count() or 1)
@@ -205,7 +207,14 @@ def c_compiler() -> str|None:
 
 def compiled_library(trees:TreeliteTrees, folder:Path|str) -> Path:
     "The trees compiled to a shared library in `folder`, once per model (the file is named by the trees' hash)."
-    import hashlib, os, platform, tempfile, tl2cgen
+    import contextlib
+    import hashlib
+    import io
+    import os
+    import platform
+    import tempfile
+
+    import tl2cgen
     folder = Path(folder)
     digest = hashlib.sha256(trees.model.serialize_bytes()).hexdigest()[:20]
     library = folder / f"trees-{digest}-tl2cgen{tl2cgen.__version__}-{platform.machine()}.so"
@@ -216,7 +225,14 @@ def compiled_library(trees:TreeliteTrees, folder:Path|str) -> Path:
         built = Path(scratch) / "trees.so"
         # One compiler process at a time, so the service keeps answering on the other core; 8 source files rather
         # than one: the compiler optimises small functions faster (200 claims trees: 6 s, against 15 s as one file).
-        tl2cgen.export_lib(trees.model, toolchain=c_compiler(), libpath=built, nthread=1, params={"parallel_comp": 8})
+        # tl2cgen prints its native library's log: that the model comes from a newer Treelite (the 4.8 that made it)
+        # than the 4.1 it carries, and how it splits the sources. Expected, and the library is checked against the
+        # booster's own predictions before it serves (compile_trees): kept at debug level. Errors are exceptions.
+        native_log = io.StringIO()
+        with contextlib.redirect_stdout(native_log):
+            tl2cgen.export_lib(trees.model, toolchain=c_compiler(), libpath=built, nthread=1, params={"parallel_comp": 8})
+        if native_log.getvalue().strip():
+            log.debug("tl2cgen: %s", native_log.getvalue().strip())
         os.replace(built, library)  # whole or not at all: a crash mid-compile leaves no library behind
     return library
 
@@ -380,7 +396,9 @@ SNAPSHOT_FORMAT = 1
 
 def write_snapshot(champion:Champion, path:Path|str, registry:str):
     "Keep the champion just loaded from `registry` (a tracking URI) on local disk, for the next start."
-    import pickle, sklearn
+    import pickle
+
+    import sklearn
     from mlops_notebooks.core.artifacts import atomic_path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -392,7 +410,9 @@ def write_snapshot(champion:Champion, path:Path|str, registry:str):
 
 def read_snapshot(path:Path|str, registry:str, name:str) -> Champion|None:
     "The champion this service last loaded from `registry`, or None (no snapshot, or one it cannot trust)."
-    import pickle, sklearn
+    import pickle
+
+    import sklearn
     path = Path(path)
     if not path.is_file():
         return None

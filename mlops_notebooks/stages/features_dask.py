@@ -69,7 +69,7 @@ def features_on_cluster(client,               # a distributed.Client
 
     def count_periods(frames):
         if data.period:
-            for name, frame in zip(["train", "test"], frames):
+            for name, frame in zip(["train", "test"], frames, strict=True):
                 per_period[name].append(frame[data.period].value_counts())
     train_rows, test_rows = stream_parts(client, parts, [train_path, test_path], on_part=count_periods)
     counts = {"train": train_rows, "test": test_rows}

@@ -16,7 +16,7 @@ from ..core.settings import StageParams
 from .evaluate import METRIC_DIRECTIONS, cost_metrics, deviance_power
 
 # %% auto #0
-__all__ = ['RegisterParams', 'relative_improvement', 'sanity_checks', 'decide']
+__all__ = ['RegisterParams', 'relative_improvement', 'sanity_checks', 'decide', 'provenance', 'apply_provenance']
 
 # %% ../../nbs/stages/06_register.ipynb #c005
 def _known_metric(name:str) -> str:
@@ -32,6 +32,7 @@ class RegisterParams(StageParams):
     min_relative_improvement: float = Field(0.01, ge=0, le=1) # e.g. 0.01: at least 1% better than the champion
     guard_tolerances: dict[str, float] = {}                   # metric -> largest relative worsening allowed
     max_prediction_ratio: float = Field(10.0, gt=1)           # no prediction above this times the largest observed cost
+    promote_from: list[Literal["clean", "dirty", "experiment"]] = ["clean"]  # provenances that may move @champion (below)
 
     @field_validator("primary_metric")
     @classmethod
@@ -116,3 +117,29 @@ def decide(challenger:dict,       # {"version", "run_id", "metrics", "sanity"}
         "challenger": {key: challenger[key] for key in ("version", "run_id", "metrics")},
         "champion": None if champion is None else {key: champion[key] for key in ("version", "run_id", "metrics")},
     }
+
+# %% ../../nbs/stages/06_register.ipynb #c013b
+def provenance(git_dirty:list,    # `lineage.git_dirty` of the training run and of the gate's tree: "true", "false", "unknown"
+               experiment:str="", # the DVC experiment either ran in ("" when none)
+              ) -> str:
+    "Where a challenger comes from: `experiment`, `dirty` (uncommitted changes, or no git to tell) or `clean`."
+    if experiment:
+        return "experiment"
+    return "clean" if all(value == "false" for value in git_dirty) else "dirty"
+
+def apply_provenance(decision:dict,         # the gate's decision record
+                     kind:str,              # the challenger's provenance
+                     rule:RegisterParams,
+                     scratch:bool=False,    # an interactive run, gating in the scratch registry
+                    ) -> dict:
+    "The record with its provenance; a passed gate whose provenance `rule.promote_from` excludes: `passed_not_promoted`."
+    may_promote = scratch or kind in rule.promote_from
+    record = {**decision, "provenance": {"kind": kind, "promote_from": list(rule.promote_from),
+                                         "may_promote": may_promote, "scratch_registry": scratch}}
+    if decision["outcome"] == "promoted" and not may_promote:
+        what = {"dirty": "a tree with uncommitted changes", "experiment": "a DVC experiment"}.get(kind, kind)
+        record["outcome"] = "passed_not_promoted"
+        record["provenance"]["reason"] = (f"the challenger passed the gate but comes from {what}; register.promote_from "
+                                          f"is {list(rule.promote_from)}: @champion stays. Commit, then run the "
+                                          f"pipeline, or add '{kind}' to register.promote_from")
+    return record

@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_pipeline_commands(commands)
     from mlops_notebooks.tools.team import add_team_commands
     add_team_commands(commands)  # `stack up|down|status` and `remote`: the shared team setup
+    from mlops_notebooks.tools.report import add_report_command
+    add_report_command(commands)  # `report --against REF`: what a change does to the model
     return parser
 
 # %% ../../nbs/tools/00_cli.ipynb #c008g

@@ -5,6 +5,7 @@
 # %% ../../nbs/tools/01_pipeline.ipynb #c003
 from __future__ import annotations
 
+import argparse
 import ast
 import importlib
 import importlib.util
@@ -24,16 +25,19 @@ from ..core.settings import ParamsError, UserError, parse_params, project_root
 from ..core.stage import SMALL_PARAMS, merged, read_yaml
 
 HANDWRITTEN = "dvc.handwritten.yaml"       # stages the contracts cannot express, copied into dvc.yaml
-PAPERMILL = "papermill --engine stage --no-progress-bar --log-level ERROR"
+# The project's own interpreter, whatever the PATH: DVC sets DVC_ROOT to the project root for every stage command, also
+# in a `dvc exp run --temp` or queued copy of the project (which has no .venv of its own); `-m papermill` imports the
+# library from the stage's working directory first, so such a copy runs its own code.
+PAPERMILL = '"$DVC_ROOT"/.venv/bin/python -m papermill --engine stage --no-progress-bar --log-level ERROR'
 
 # %% auto #0
-__all__ = ['HANDWRITTEN', 'PAPERMILL', 'GENERATED_HEADER', 'package_name', 'imported_modules', 'default_exp', 'is_export',
-           'runs_in_stage', 'Library', 'load_library', 'module_deps', 'all_contracts', 'stage_definition',
+__all__ = ['HANDWRITTEN', 'PAPERMILL', 'GENERATED_HEADER', 'STAGE_EVENTS', 'package_name', 'imported_modules', 'default_exp',
+           'is_export', 'runs_in_stage', 'Library', 'load_library', 'module_deps', 'all_contracts', 'stage_definition',
            'read_handwritten', 'render_dvc_yaml', 'generate_dvc_yaml', 'parameters_cell', 'parameters_sections',
            'params_reads', 'starts_stage', 'import_module_of', 'params_models', 'small_value_problems',
-           'params_value_problems', 'lint_params', 'stale_dvc_yaml', 'check_project', 'next_notebook_number',
-           'stage_notebook', 'add_stage', 'export_modules', 'stages_command', 'add_stage_command',
-           'add_pipeline_commands']
+           'params_value_problems', 'lint_params', 'dvc_layout', 'params_layout_problems', 'stale_dvc_yaml',
+           'check_project', 'next_notebook_number', 'stage_notebook', 'add_stage', 'export_modules', 'stage_event',
+           'summary_table', 'repro', 'stages_command', 'add_stage_command', 'repro_command', 'add_pipeline_commands']
 
 # %% ../../nbs/tools/01_pipeline.ipynb #c009
 def package_name(root:Path) -> str:
@@ -387,6 +391,37 @@ def lint_params(root:Path, library:Library|None=None) -> list[str]:
                  for section in params if section not in declared]
     return problems
 
+# %% ../../nbs/tools/01_pipeline.ipynb #c030b
+def dvc_layout(text:str) -> str:
+    "`text` (YAML) as `dvc exp run -S` writes it back: ruamel.yaml round trip, lists in block style, comments kept."
+    import io
+    from ruamel.yaml import YAML
+    yaml = YAML()
+    yaml.default_flow_style = False  # as DVC's dumper
+    data = yaml.load(text)
+    def plain_lists(mapping):  # DVC's merge puts a plain list in place of each list it read
+        for key, value in mapping.items():
+            if isinstance(value, dict):
+                plain_lists(value)
+            elif isinstance(value, list):
+                mapping[key] = list(value)
+    if isinstance(data, dict):
+        plain_lists(data)
+    stream = io.StringIO()
+    yaml.dump(data, stream)
+    return stream.getvalue()
+
+def params_layout_problems(root:Path) -> list[str]:
+    "A problem when `params.yaml` is not in the layout `dvc exp run -S` writes."
+    path = Path(root) / "params.yaml"
+    text = path.read_text() if path.exists() else ""
+    if not text or dvc_layout(text) == text:
+        return []
+    import difflib
+    changed = sum(1 for line in difflib.ndiff(text.splitlines(), dvc_layout(text).splitlines()) if line.startswith("- "))
+    return [f"params.yaml: not in the layout `dvc exp run -S` writes (it would rewrite {changed} lines, not one): "
+            "run `mlops-notebooks stages format-params`"]
+
 # %% ../../nbs/tools/01_pipeline.ipynb #c020
 def stale_dvc_yaml(root:Path) -> list[str]:
     "Problems when `dvc.yaml` is not what the contracts generate (rule 1)."
@@ -422,7 +457,7 @@ def check_project(root:Path|None=None) -> list[str]:
     "Every contract problem of the project: malformed contracts, a stale `dvc.yaml`, params lints."
     root = Path(root) if root else project_root()
     try:
-        return stale_dvc_yaml(root) + lint_params(root)
+        return stale_dvc_yaml(root) + lint_params(root) + params_layout_problems(root)
     except (ContractError, ParamsError) as error:
         return [str(error)]
 
@@ -528,6 +563,62 @@ def export_modules(root:Path):
         last = (error.stderr.strip().splitlines() or ["no output"])[-1]
         raise UserError(f"nbdev-export failed ({last}): run `make export` to see why") from None
 
+# %% ../../nbs/tools/01_pipeline.ipynb #c030e
+STAGE_EVENTS = [(re.compile(r"^Running stage '([^']+)'"), "ran"),
+                (re.compile(r"^Stage '([^']+)' is cached - skipping run"), "cached"),
+                (re.compile(r"^Stage '([^']+)' didn't change, skipping"), "skipped")]
+
+def stage_event(line:str) -> tuple[str, str]|None:
+    "(stage, ran|cached|skipped) when `line` is DVC's line about a stage, else None."
+    for pattern, status in STAGE_EVENTS:
+        match = pattern.match(line.strip())
+        if match:
+            return match.group(1), status
+    return None
+
+def summary_table(rows:list[dict], total:float) -> str:
+    "The stages as a table: stage, status, duration (a skipped stage took none), and the total."
+    def duration(seconds):
+        return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    width = max([len("stage"), *[len(row["stage"]) for row in rows]])
+    lines = [f"{'stage':<{width}}  {'status':<7}  duration"]
+    for row in rows:
+        lines.append(f"{row['stage']:<{width}}  {row['status']:<7}  "
+                     + ("-" if row["status"] == "skipped" else duration(row["seconds"])))
+    lines.append(f"{'total':<{width}}  {'':<7}  {duration(total)}")
+    return "\n".join(lines)
+
+# %% ../../nbs/tools/01_pipeline.ipynb #c030g
+def repro(arguments:list[str],    # passed on to `dvc repro` (or `dvc exp run`)
+          experiment:bool=False,  # run `dvc exp run` instead
+          root:Path|None=None,
+          echo=None,              # where DVC's output and the table go; stdout by default
+         ) -> int:
+    "Run `dvc repro` (or `dvc exp run`) with its output shown as it comes, then a table of the stages; its exit code."
+    import time
+    echo = echo or sys.stdout
+    root = Path(root) if root else project_root()
+    command = [str(Path(sys.executable).parent / "dvc"), *(["exp", "run"] if experiment else ["repro"]), *arguments]
+    rows, started = [], time.monotonic()
+    with subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          bufsize=1) as process:
+        for line in process.stdout:
+            echo.write(line)
+            echo.flush()
+            event = stage_event(line)
+            now = time.monotonic()
+            if event is None:
+                continue
+            if rows and "seconds" not in rows[-1]:
+                rows[-1]["seconds"] = now - rows[-1]["since"]
+            rows.append({"stage": event[0], "status": event[1], "since": now})
+    ended = time.monotonic()
+    if rows and "seconds" not in rows[-1]:
+        rows[-1]["seconds"] = ended - rows[-1]["since"]
+    if rows:
+        echo.write("\n" + summary_table(rows, ended - started) + "\n")
+    return process.returncode
+
 # %% ../../nbs/tools/01_pipeline.ipynb #c032
 def stages_command(args) -> int:
     "`stages generate` writes dvc.yaml; `stages check` prints every problem and exits 1 when there is one."
@@ -535,6 +626,15 @@ def stages_command(args) -> int:
     if args.action == "generate":
         path = generate_dvc_yaml(root)
         print(f"wrote {path.relative_to(root)} from the notebooks' contracts")
+        return 0
+    if args.action == "format-params":
+        for name in args.files or ["params.yaml"]:
+            path = root / name
+            text = path.read_text()
+            while dvc_layout(text) != text:  # a comment ruamel moves settles in a second pass
+                text = dvc_layout(text)
+            path.write_text(text)
+            print(f"wrote {name} in the layout `dvc exp run -S` writes")
         return 0
     problems = check_project(root)
     for problem in problems:
@@ -550,15 +650,20 @@ def add_stage_command(args) -> int:
           f"`make pipeline`, `make test`.")
     return 0
 
+def repro_command(args) -> int:
+    return repro(args.arguments, experiment=args.exp)
+
 def add_pipeline_commands(commands):
-    "Add `stages` and `add-stage` to the CLI's subcommands (an argparse subparsers object)."
+    "Add `stages`, `add-stage` and `repro` to the CLI's subcommands (an argparse subparsers object)."
     stages = commands.add_parser(
         "stages", help="generate dvc.yaml from the notebooks' contracts, or check it and the params files",
         description="generate: write dvc.yaml from the '## Contract' cell of each stage notebook. check: fail on a "
                     "stale dvc.yaml, a params.yaml or params.small.yaml value its params model refuses, a "
-                    "parameters cell that disagrees with its contract, an undeclared params read, or a params.yaml "
-                    "section no contract reads.")
-    stages.add_argument("action", choices=["generate", "check"])
+                    "parameters cell that disagrees with its contract, an undeclared params read, a params.yaml "
+                    "section no contract reads, or a params.yaml not in the layout `dvc exp run -S` writes. "
+                    "format-params: write params.yaml in that layout.")
+    stages.add_argument("action", choices=["generate", "check", "format-params"])
+    stages.add_argument("files", nargs="*", help="format-params: the params files to format (default params.yaml)")
     stages.set_defaults(handler=stages_command)
     new_stage = commands.add_parser(
         "add-stage", help="create a stage notebook wired after another stage",
@@ -567,3 +672,10 @@ def add_pipeline_commands(commands):
     new_stage.add_argument("name", help="the new stage's name (also its module and params section)")
     new_stage.add_argument("--after", required=True, metavar="STAGE", help="the stage whose outputs it reads")
     new_stage.set_defaults(handler=add_stage_command)
+    reproduce = commands.add_parser(
+        "repro", help="dvc repro (or dvc exp run) with a summary table of the stages at the end",
+        description="Run `dvc repro` (with --exp: `dvc exp run`) from this environment, showing its output, then a "
+                    "table: each stage, whether it ran, came from the run cache or was up to date, and its duration.")
+    reproduce.add_argument("--exp", action="store_true", help="run `dvc exp run` (an experiment) instead")
+    reproduce.add_argument("arguments", nargs=argparse.REMAINDER, help="passed on to dvc (e.g. -S train.max_iter=100)")
+    reproduce.set_defaults(handler=repro_command)

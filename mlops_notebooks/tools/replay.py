@@ -164,7 +164,8 @@ def plot_timeline(timeline:pd.DataFrame, drift_start:str=""):
         axis.axvspan(onset - 0.5, len(timeline) - 0.5, color="tab:orange", alpha=0.1, label="drift knobs on")
     axis.set_xticks(x, timeline["month"], rotation=45)
     axis.set(ylabel="mean deviance of the month", title="Model fatigue: monthly error, never re-trained vs with the loop")
-    axis.legend(fontsize=8); figure.tight_layout()
+    axis.legend(fontsize=8)
+    figure.tight_layout()
     return figure
 
 def write_replay(timeline:pd.DataFrame, decisions:list[dict], output:Path|str, drift_start:str=""):
@@ -234,4 +235,4 @@ if __name__ == "__main__":
     try:
         main()
     except UserError as error:
-        raise SystemExit(f"{type(error).__name__}: {error}")
+        raise SystemExit(f"{type(error).__name__}: {error}") from None
