@@ -15,6 +15,7 @@ import pandas as pd
 from pydantic import Field
 from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import HistGradientBoostingRegressor
+from sklearn.model_selection import KFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OrdinalEncoder, TargetEncoder
 
@@ -95,7 +96,8 @@ def build_model(data:DataParams, params:TrainParams,
                                                encoded_missing_value=np.nan, min_frequency=params.min_category_rows,
                                                max_categories=params.max_categories), native)]
     if by_target:  # numbers to the booster: after the categories, before the numeric columns
-        encoders.append(("target", TargetEncoder(target_type="continuous", random_state=params.seed), by_target))
+        folds = KFold(n_splits=5, shuffle=True, random_state=params.seed)  # the cross-fitting, seeded
+        encoders.append(("target", TargetEncoder(target_type="continuous", cv=folds), by_target))
     encode = ColumnTransformer([*encoders, ("numeric", "passthrough", data.numeric)], verbose_feature_names_out=False)
     return Pipeline([("encode", encode), ("model", build_booster(data, params, categorical=len(native)))])
 

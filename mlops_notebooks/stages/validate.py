@@ -146,15 +146,14 @@ def _row_reasons(failure_cases:pd.DataFrame) -> pd.Series:
     return reasons
 
 def duplicate_hint(frame:pd.DataFrame, data:DataParams) -> str:
-    "A hint when every repeated id repeats in other periods only: then a row is one id in one period."
+    "A hint when most repeated ids repeat in other periods: then a row is probably one id in one period."
     if not data.period or data.period not in frame.columns:
         return ""
     repeated = frame[frame[data.id].duplicated(keep=False)]
-    by_id = repeated.groupby(data.id)[data.period]
-    if repeated.empty or not (by_id.nunique() == by_id.size()).all():
+    if repeated.empty or (repeated.groupby(data.id)[data.period].nunique() > 1).mean() < 0.5:
         return ""
-    return (f"hint: each id repeats once per {data.period}; if a row is one id in one period, make the row id of both: "
-            f"data.derived: {{row_id: {{join: [{data.id}, {data.period}]}}}} and data.id: row_id")
+    return (f"hint: most repeated ids repeat in another {data.period}; if a row is one id in one period, make the row "
+            f"id of both: data.derived: {{row_id: {{join: [{data.id}, {data.period}]}}}} and data.id: row_id")
 
 def _schema_failures(frame:pd.DataFrame, cases:pd.DataFrame, schema:pa.DataFrameSchema, data:DataParams,
                      params:ValidateParams, source:str, rows_in:int) -> tuple[pd.DataFrame, pd.Series]:
