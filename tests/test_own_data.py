@@ -11,7 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import SMALL_PARAMS, copy_project, dvc, merge, run
+import yaml
+
+from conftest import copy_project, dvc, run, write_params
 from motor_tpl import PARAMS, motor_tpl
 from mlops_notebooks.core.settings import DataError, parse_params
 from mlops_notebooks.stages.evaluate import cost_metrics, error_by_group
@@ -182,8 +184,12 @@ def test_the_monitor_names_a_bad_batch_instead_of_crashing(book, split, champion
 
 @pytest.fixture(scope="module")
 def own_project(tmp_path_factory):
-    params = merge(SMALL_PARAMS, {**PARAMS, "train": {"max_iter": 60, "learning_rate": 0.05}})
-    project = copy_project(tmp_path_factory.mktemp("own"), params=params)
+    "A copy of the project whose params.yaml declares the extract (its data, validate and features sections whole)."
+    project = copy_project(tmp_path_factory.mktemp("own"), params=None)
+    default = yaml.safe_load((project / "params.yaml").read_text())
+    write_params(project, {**default, **PARAMS, "train": {**default["train"], "max_iter": 60, "learning_rate": 0.05},
+                           "monitor": {**default["monitor"], "min_rows": 200}})
+    run(["git", "commit", "-qam", "the extract's params"], project)
     (project / "data/sources").mkdir(parents=True, exist_ok=True)
     motor_tpl(policies=8000).to_csv(project / PARAMS["data"]["source"], index=False)
     dvc(project, "repro")
