@@ -8,8 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-import re
-
 import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
@@ -17,10 +15,10 @@ from pydantic import Field, field_validator
 from ..core.artifacts import incoming_files, read_table, write_parquet
 from ..core.settings import DataError, StageParams
 from .generator import DriftKnobs, generate_claims
-from .schema import DataParams, check_month, parse_periods, period_unit_of
+from .schema import DataParams, as_text, check_month, derive_columns, parse_periods, period_unit_of
 
 # %% auto #0
-__all__ = ['IngestParams', 'join_aggregated', 'derive_columns', 'append_incoming', 'ingest_claims', 'write_claims']
+__all__ = ['IngestParams', 'join_aggregated', 'append_incoming', 'ingest_claims', 'write_claims']
 
 # %% ../../nbs/stages/01_ingest.ipynb #c010
 class IngestParams(StageParams):
@@ -68,51 +66,6 @@ def join_aggregated(table:pd.DataFrame, # the first table
             joined[column] = joined[column].fillna(0)
     return joined
 
-# %% ../../nbs/stages/01_ingest.ipynb #c022b
-def _as_text(values:pd.Series) -> pd.Series:
-    "Each value as text (2023.0 -> '2023'), empty values staying empty."
-    return values.map(lambda value: value if pd.isna(value) else re.sub(r"\.0+$", "", str(value)))
-
-def _numbers(table:pd.DataFrame, column:str, name:str, source:str) -> pd.Series:
-    "A source column as numbers; `DataError` when none of its values is one."
-    numbers = pd.to_numeric(table[column], errors="coerce").astype("float64")
-    if numbers.isna().all() and table[column].notna().any():
-        raise DataError(f"{source}: data.derived.{name}: column '{column}' has no numbers "
-                        f"(e.g. {table[column].dropna().iloc[0]!r})")
-    return numbers
-
-def derive_columns(table:pd.DataFrame, # the source table
-                   data:DataParams,    # the declaration: data.derived
-                   source:str,         # the file, for messages
-                   batch:bool=False,   # an incoming batch: skip a derivation whose columns it lacks (e.g. unlabelled)
-                  ) -> pd.DataFrame:
-    "The table with the derived columns computed, in the order declared."
-    if not data.derived:
-        return table
-    table = table.copy()
-    for name, how in data.derived.items():
-        missing = [column for column in how.inputs if column not in table.columns]
-        if missing and batch:
-            continue
-        if missing:
-            raise DataError(f"{source}: data.derived.{name}: no column(s) {', '.join(map(repr, missing))} in the source")
-        if name in table.columns and name not in how.inputs and not batch:
-            raise DataError(f"{source}: data.derived.{name}: the source already has a column '{name}' "
-                            "(declare it under data.dropped and derive another name, or drop the derivation)")
-        if how.join:
-            parts = [_as_text(table[column]) for column in how.join]
-            joined = parts[0].str.cat(parts[1:], sep="-")  # empty when any part is empty
-            table[name] = joined.where(pd.concat(parts, axis=1).notna().all(axis=1))
-            continue
-        numbers = [_numbers(table, column, name, source) for column in how.inputs]
-        if how.sum:
-            frame = pd.concat(numbers, axis=1)
-            value = frame.sum(axis=1, min_count=1) if how.empty_as_zero else frame.sum(axis=1, skipna=False)
-        else:
-            value = numbers[0]
-        table[name] = value * how.multiply_by / how.divide_by
-    return table
-
 # %% ../../nbs/stages/01_ingest.ipynb #c024
 def append_incoming(claims:pd.DataFrame, # the claims table
                     folder:Path|str,     # the incoming folder
@@ -144,7 +97,7 @@ def _period_like(values:pd.Series, claims_values:pd.Series, column:str, source:s
             return pd.to_datetime(values).astype(claims_values.dtype)
         except (ValueError, TypeError) as error:
             raise DataError(f"{source}: column '{column}' is not a date: {str(error).splitlines()[0]}") from None
-    return values if values.dtype == claims_values.dtype else _as_text(values)  # the validate stage reads both
+    return values if values.dtype == claims_values.dtype else as_text(values)  # the validate stage reads both
 
 # %% ../../nbs/stages/01_ingest.ipynb #c027
 def ingest_claims(data:DataParams,     # the declared data

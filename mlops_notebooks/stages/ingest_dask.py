@@ -10,8 +10,8 @@ from pathlib import Path
 from ..core.cluster import part_seed, stream_parts
 from ..core.settings import DataError
 from .generator import generate_claims
-from .ingest import IngestParams, append_incoming, derive_columns, ingest_claims
-from .schema import DataParams
+from .ingest import IngestParams, append_incoming, ingest_claims
+from .schema import DataParams, derive_columns
 
 # %% auto #0
 __all__ = ['ingest_on_cluster']

@@ -17,9 +17,8 @@ from ..core.artifacts import incoming_files, read_table
 from ..core.predictions import read_prediction_log as read_service_log
 from ..core.settings import DataError, StageParams, UserError
 from .evaluate import METRIC_DIRECTIONS, MetricName, cost_metrics
-from .ingest import derive_columns
 from .register import relative_improvement
-from .schema import DataParams, parse_periods, period_unit_of
+from .schema import DataParams, derive_columns, parse_periods, period_unit_of
 
 # %% auto #0
 __all__ = ['MonitorParams', 'psi', 'numeric_bin_counts', 'numeric_drift', 'categorical_drift', 'adjust_p_values',

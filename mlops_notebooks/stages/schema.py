@@ -16,7 +16,7 @@ from ..core.settings import DataError, StageParams
 
 # %% auto #0
 __all__ = ['Objective', 'Aggregation', 'DEVIANCE_POWER', 'PeriodUnit', 'PERIOD_FORMS', 'JoinedTable', 'Derivation', 'DataParams',
-           'check_month', 'read_period', 'period_unit_of', 'parse_periods', 'period_span']
+           'as_text', 'derive_columns', 'check_month', 'read_period', 'period_unit_of', 'parse_periods', 'period_span']
 
 # %% ../../nbs/stages/schema.ipynb #c005
 Objective = Literal["squared_error", "poisson", "gamma", "tweedie"]
@@ -37,6 +37,7 @@ class Derivation(StageParams):
     source: str = Field("", alias="from")   # a column, as is (then scaled)
     sum: list[str] = []                     # columns added up row by row
     join: list[str] = []                    # columns written side by side as text, e.g. a policy and its year: a row id
+    separator: str = "-"                    # join: what goes between them (Q makes a year and a quarter 2023Q2)
     multiply_by: float = 1.0                # scale the number (e.g. 100 for a share in percent)
     divide_by: float = 1.0                  # e.g. 365.25 for days -> years
     empty_as_zero: bool = False             # sum: an empty cell counts 0 (otherwise the result is empty)
@@ -50,6 +51,8 @@ class Derivation(StageParams):
             raise ValueError("divide_by: 0 would divide by zero")
         if self.join and (self.multiply_by != 1 or self.divide_by != 1):
             raise ValueError("join makes text: multiply_by and divide_by do not apply")
+        if self.separator != "-" and not self.join:
+            raise ValueError("separator applies to join only")
         return self
 
     @property
@@ -60,7 +63,7 @@ class Derivation(StageParams):
     def describe(self) -> str:
         "The definition as a formula, for lineage tags and messages."
         if self.join:
-            return "join(" + ", ".join(self.join) + ")"
+            return "join(" + ", ".join(self.join) + (f", separator {self.separator!r}" if self.separator != "-" else "") + ")"
         text = self.source or " + ".join(self.sum)
         if self.sum and (self.multiply_by != 1 or self.divide_by != 1):
             text = f"({text})"
@@ -134,6 +137,51 @@ class DataParams(StageParams):
     def deviance_power(self) -> float:
         "Power of the objective's Tweedie deviance (0 squared error, 1 Poisson, 2 Gamma)."
         return self.tweedie_power if self.objective == "tweedie" else DEVIANCE_POWER[self.objective]
+
+# %% ../../nbs/stages/schema.ipynb #c008e
+def as_text(values:pd.Series) -> pd.Series:
+    "Each value as text (2023.0 -> '2023'), empty values staying empty."
+    return values.map(lambda value: value if pd.isna(value) else re.sub(r"\.0+$", "", str(value)))
+
+def _numbers(table:pd.DataFrame, column:str, name:str, source:str) -> pd.Series:
+    "A source column as numbers; `DataError` when none of its values is one."
+    numbers = pd.to_numeric(table[column], errors="coerce").astype("float64")
+    if numbers.isna().all() and table[column].notna().any():
+        raise DataError(f"{source}: data.derived.{name}: column '{column}' has no numbers "
+                        f"(e.g. {table[column].dropna().iloc[0]!r})")
+    return numbers
+
+def derive_columns(table:pd.DataFrame, # the source table
+                   data:DataParams,    # the declaration: data.derived
+                   source:str,         # the file, for messages
+                   batch:bool=False,   # an incoming batch: skip a derivation whose columns it lacks (e.g. unlabelled)
+                  ) -> pd.DataFrame:
+    "The table with the derived columns computed, in the order declared."
+    if not data.derived:
+        return table
+    table = table.copy()
+    for name, how in data.derived.items():
+        missing = [column for column in how.inputs if column not in table.columns]
+        if missing and batch:
+            continue
+        if missing:
+            raise DataError(f"{source}: data.derived.{name}: no column(s) {', '.join(map(repr, missing))} in the source")
+        if name in table.columns and name not in how.inputs and not batch:
+            raise DataError(f"{source}: data.derived.{name}: the source already has a column '{name}' "
+                            "(declare it under data.dropped and derive another name, or drop the derivation)")
+        if how.join:
+            parts = [as_text(table[column]) for column in how.join]
+            joined = parts[0].str.cat(parts[1:], sep=how.separator)
+            table[name] = joined.where(pd.concat(parts, axis=1).notna().all(axis=1))
+            continue
+        numbers = [_numbers(table, column, name, source) for column in how.inputs]
+        if how.sum:
+            frame = pd.concat(numbers, axis=1)
+            value = frame.sum(axis=1, min_count=1) if how.empty_as_zero else frame.sum(axis=1, skipna=False)
+        else:
+            value = numbers[0]
+        table[name] = value * how.multiply_by / how.divide_by
+    return table
 
 # %% ../../nbs/stages/schema.ipynb #c010
 def check_month(value:str) -> str:
