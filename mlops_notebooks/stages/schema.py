@@ -237,7 +237,8 @@ def _target_kind(kinds:pd.Series, counts:np.ndarray, unit:str) -> str:
     "The kind of period the column becomes: `unit`, or under auto the kind most rows are written in (a date: its month)."
     if unit != "auto":
         return unit
-    by_kind = pd.Series(counts, index=kinds.to_numpy()).dropna().groupby(level=0).sum()
+    written = kinds.notna().to_numpy()
+    by_kind = pd.Series(counts[written], index=kinds[written].to_numpy()).groupby(level=0).sum()
     return "month" if by_kind.idxmax() == "date" else by_kind.idxmax()
 
 def parse_periods(values:pd.Series,   # the period column as read (numbers, text, dates or Periods)
@@ -270,8 +271,10 @@ def parse_periods(values:pd.Series,   # the period column as read (numbers, text
         bad = np.flatnonzero(unreadable[codes] & (codes >= 0))
         coarser = [uniques[i] for i in np.flatnonzero(unreadable) if kinds[i] is not None]
         why = f" (written coarser than a {kind})" if coarser and len(coarser) == unreadable.sum() else ""
+        example = values.iloc[bad[0]]
+        example = example.item() if isinstance(example, np.generic) else example  # 20231, not np.int64(20231)
         raise DataError(f"{where}column '{column}' (data.period): {len(bad):,} value(s) are not a period{why}, e.g. "
-                        f"{values.iloc[bad[0]]!r} (first at row {bad[0]}); write {PERIOD_FORMS}")
+                        f"{example!r} (first at row {bad[0]}); write {PERIOD_FORMS}")
     table = pd.PeriodIndex([*periods, pd.NaT], freq=_PERIOD_FREQUENCY[kind])
     return pd.Series(table.take(np.where(codes >= 0, codes, len(uniques))), index=values.index, name=values.name)
 
