@@ -142,6 +142,24 @@ def champion(split):
     return fit_model(split[0], DECLARED, TrainParams(max_iter=30))
 
 
+def test_the_service_accepts_a_pooled_level_and_refuses_an_unseen_one(split, champion):
+    from mlflow.models import infer_signature
+    from pydantic import ValidationError
+    from mlops_notebooks.serving.serve import make_champion
+    inputs = feature_frame(split[0], DECLARED)
+    served = make_champion("motor-tpl", 1, "r" * 32, champion, infer_signature(inputs, champion.predict(inputs)))
+    encoder = champion.named_steps["encode"].named_transformers_["categorical"]
+    pooled = encoder.infrequent_categories_[list(encoder.feature_names_in_).index("SubGroup2")]
+    assert len(pooled) > 100, "most sub-groups share the other level"
+    record = inputs.head(1).to_dict("records")[0]
+    rare = [{**record, "SubGroup2": level} for level in pooled[:3]]
+    assert served.validator.validate_python(rare) == rare
+    assert served.fast is not None, "the fast encoding reproduces the pooled codes"
+    assert np.allclose(served.predict(rare), champion.predict(pd.DataFrame(rare)), rtol=1e-10, atol=0)
+    with pytest.raises(ValidationError, match="SubGroup2"):
+        served.validator.validate_python([{**record, "SubGroup2": "Z99"}])
+
+
 def _monitored(champion, split, batch: pd.DataFrame) -> dict:
     "The monitor's verdict on a raw batch of the extract, against the training year."
     train, test = split
