@@ -152,7 +152,7 @@ def test_each_damaged_csv_is_accepted_or_refused_with_one_clear_message(project,
     assert (clean["exposure"] > 0).all() and (clean["exposure"] <= 1).all()
     assert (clean["claims"] >= 0).all() and np.isfinite(clean["claims"]).all()
     assert clean["region"].isin(["north", "south", "east"]).all()
-    assert str(clean["month"].dtype).startswith("datetime64")
+    assert str(clean["month"].dtype) == "period[M]", "months read as monthly periods"
     assert len(quarantine) <= CHECKS.max_quarantine_share * (len(clean) + len(quarantine))
     assert quarantine["reason"].str.len().gt(0).all()
 

@@ -71,12 +71,13 @@ def spec_columns(specs:list[dict],   # `{name, type, required}` per input, as `i
                         categories=tuple(categories.get(spec["name"], ()))) for spec in specs]
 
 def encoder_categories(model) -> dict:
-    "Categories per column learnt by the `OrdinalEncoder` of a fitted claims pipeline (empty when there is none)."
-    from sklearn.preprocessing import OrdinalEncoder
+    "Categories per column learnt by the encoders (ordinal, target) of a fitted claims pipeline (empty when none)."
+    from sklearn.preprocessing import OrdinalEncoder, TargetEncoder
     found = {}
     encode = getattr(model, "named_steps", {}).get("encode")
     for _, transformer, names in getattr(encode, "transformers_", []):
-        if isinstance(transformer, OrdinalEncoder):
+        # Every level seen in training, the rare ones the encoder pools into its 'other' level included.
+        if isinstance(transformer, (OrdinalEncoder, TargetEncoder)):
             for name, values in zip(names, transformer.categories_, strict=True):
                 found[name] = [value for value in values if isinstance(value, str)]
     return found
@@ -130,6 +131,12 @@ def _passes_through(transformer) -> bool:
         return transformer == "passthrough"
     return isinstance(transformer, FunctionTransformer) and transformer.func is None
 
+def _category_frame(encoder, column:int) -> pd.DataFrame:
+    "Every category of one column of a fitted OrdinalEncoder, the other columns at their first category."
+    values = encoder.categories_[column]
+    return pd.DataFrame({name: values if position == column else [categories[0]] * len(values)
+                         for position, (name, categories) in enumerate(zip(encoder.feature_names_in_, encoder.categories_))})
+
 class FastEncoding:
     "The train stage's encoding (ordinal categories first, numbers passed through) as plain numpy, or unusable."
     def __init__(self, model, columns:list[InputColumn]):
@@ -147,7 +154,9 @@ class FastEncoding:
         numeric = parts[1][1]
         if encoder.unknown_value is not None and not (isinstance(encoder.unknown_value, float) and np.isnan(encoder.unknown_value)):
             return
-        self.codes = [{value: float(code) for code, value in enumerate(values)} for values in encoder.categories_]
+        # Each category's code as the encoder gives it (rare categories share the code of the 'other' level).
+        self.codes = [dict(zip(values, encoder.transform(_category_frame(encoder, column))[:, column]))
+                      for column, values in enumerate(encoder.categories_)]
         self.categorical, self.numeric = categorical, numeric
         self.usable = {column.name for column in columns} == set(categorical) | set(numeric)
 

@@ -87,7 +87,7 @@ def error_by_group(frame:pd.DataFrame, data:DataParams, predicted:np.ndarray) ->
     "Per period (or per decile of prediction): rows, weighted mean actual and predicted, MAE and bias."
     weight = frame[data.weight].to_numpy(dtype=float) if data.weight else np.ones(len(frame))
     if data.period:
-        group = frame[data.period].dt.strftime("%Y-%m").to_numpy()
+        group = frame[data.period].astype(str).to_numpy()  # periods as pandas writes them: 2023, 2023Q2, 2023-05
     else:
         group = pd.qcut(pd.Series(predicted).rank(method="first"), 10, labels=[f"d{d:02d}" for d in range(1, 11)]).astype(str).to_numpy()
     actual = frame[data.model_target].to_numpy(dtype=float)

@@ -46,8 +46,7 @@ _LOG_REGION = {"north": -0.1, "south": 0.0, "east": -0.05, "west": 0.05, "capita
 def _months_since(report_month:pd.Series, month:str) -> np.ndarray:
     "Whole months from `month` to each report month (negative before it)."
     start = pd.Period(month, freq="M")
-    periods = report_month.dt.to_period("M")
-    return np.asarray((periods.dt.year - start.year) * 12 + (periods.dt.month - start.month))
+    return np.asarray((report_month.dt.year - start.year) * 12 + (report_month.dt.month - start.month))
 
 def generate_claims(n_claims:int,              # number of claims
                     start_month:str,           # first report month, YYYY-MM
@@ -59,9 +58,8 @@ def generate_claims(n_claims:int,              # number of claims
     "A seeded synthetic portfolio of reported claims with their ultimate settled cost."
     drift = drift or DriftKnobs()
     rng = np.random.default_rng(seed)
-    months = pd.period_range(start=start_month, periods=n_months, freq="M").to_timestamp()
-    report_month = pd.Series(np.sort(rng.integers(0, n_months, n_claims)))
-    report_month = pd.Series(months[report_month.to_numpy()], name="report_month").astype("datetime64[ns]")
+    months = pd.period_range(start=start_month, periods=n_months, freq="M")
+    report_month = pd.Series(months[np.sort(rng.integers(0, n_months, n_claims))], name="report_month")  # period[M]
     since = (_months_since(report_month, drift.start_month) if drift.start_month
              else np.full(n_claims, -1))
     drifted = since >= 0

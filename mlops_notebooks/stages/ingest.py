@@ -15,7 +15,7 @@ from pydantic import Field, field_validator
 from ..core.artifacts import incoming_files, read_table, write_parquet
 from ..core.settings import DataError, StageParams
 from .generator import DriftKnobs, generate_claims
-from .schema import DataParams, check_month
+from .schema import DataParams, as_text, check_month, derive_columns, parse_periods, period_unit_of
 
 # %% auto #0
 __all__ = ['IngestParams', 'join_aggregated', 'append_incoming', 'ingest_claims', 'write_claims']
@@ -71,10 +71,10 @@ def append_incoming(claims:pd.DataFrame, # the claims table
                     folder:Path|str,     # the incoming folder
                     data:DataParams,     # the declaration: target and period columns
                    ) -> pd.DataFrame:
-    "The claims with every labelled incoming batch appended (same columns required; periods read as dates)."
+    "The claims with every labelled incoming batch appended (same columns required; periods read like the claims')."
     batches = []
     for path in incoming_files(folder):
-        batch = read_table(path, "an incoming batch")
+        batch = derive_columns(read_table(path, "an incoming batch"), data, str(path), batch=True)
         if data.target not in batch.columns:
             continue  # not labelled yet: only the monitor reads it
         missing = [column for column in claims.columns if column not in batch.columns]
@@ -83,13 +83,21 @@ def append_incoming(claims:pd.DataFrame, # the claims table
             raise DataError(f"{path}: the columns differ from the claims table's"
                             + (f"; missing: {', '.join(missing)}" if missing else "")
                             + (f"; unknown: {', '.join(map(str, extra))}" if extra else ""))
-        if data.period and pd.api.types.is_datetime64_any_dtype(claims[data.period]):
-            try:
-                batch[data.period] = pd.to_datetime(batch[data.period]).astype(claims[data.period].dtype)
-            except (ValueError, TypeError) as error:
-                raise DataError(f"{path}: column '{data.period}' is not a date: {str(error).splitlines()[0]}") from None
+        if data.period:
+            batch[data.period] = _period_like(batch[data.period], claims[data.period], data.period, str(path))
         batches.append(batch[list(claims.columns)])
     return pd.concat([claims, *batches], ignore_index=True) if batches else claims
+
+def _period_like(values:pd.Series, claims_values:pd.Series, column:str, source:str) -> pd.Series:
+    "A batch's period column in the claims' type: their Periods or dates; as text when the two differ otherwise."
+    if isinstance(claims_values.dtype, pd.PeriodDtype):
+        return parse_periods(values, column, period_unit_of(claims_values), source=source)
+    if pd.api.types.is_datetime64_any_dtype(claims_values):
+        try:
+            return pd.to_datetime(values).astype(claims_values.dtype)
+        except (ValueError, TypeError) as error:
+            raise DataError(f"{source}: column '{column}' is not a date: {str(error).splitlines()[0]}") from None
+    return values if values.dtype == claims_values.dtype else as_text(values)  # the validate stage reads both
 
 # %% ../../nbs/stages/01_ingest.ipynb #c027
 def ingest_claims(data:DataParams,     # the declared data
@@ -106,6 +114,7 @@ def ingest_claims(data:DataParams,     # the declared data
         table = read_table(root / data.source)
         if data.join.source:
             table = join_aggregated(table, read_table(root / data.join.source, "data.join.source"), data)
+    table = derive_columns(table, data, data.source or "the generator")
     return append_incoming(table, incoming, data) if incoming is not None else table
 
 def write_claims(claims:pd.DataFrame, target:Path, source:str):

@@ -11,7 +11,7 @@ from ..core.cluster import part_seed, stream_parts
 from ..core.settings import DataError
 from .generator import generate_claims
 from .ingest import IngestParams, append_incoming, ingest_claims
-from .schema import DataParams
+from .schema import DataParams, derive_columns
 
 # %% auto #0
 __all__ = ['ingest_on_cluster']
@@ -32,10 +32,10 @@ def ingest_on_cluster(client,            # a distributed.Client
         path = root / data.source
         if not path.exists():
             raise DataError(f"{data.source}: file not found (data.source)")
-        parts = [dask.delayed(lambda frame: (frame,))(part)
+        parts = [dask.delayed(lambda frame: (derive_columns(frame, data, data.source),))(part)
                  for part in dd.read_parquet(str(path), split_row_groups=True).to_delayed()]
     elif not data.source:
-        generate = dask.delayed(lambda *args: (generate_claims(*args),))
+        generate = dask.delayed(lambda *args: (derive_columns(generate_claims(*args), data, "the generator"),))
         parts = [generate(min(partition_rows, params.n_claims - first), params.start_month, params.n_months,
                           part_seed(params.seed, number), params.drift, first + 1)
                  for number, first in enumerate(range(0, params.n_claims, partition_rows))]

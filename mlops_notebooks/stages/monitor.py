@@ -15,16 +15,16 @@ from scipy import stats
 
 from ..core.artifacts import incoming_files, read_table
 from ..core.predictions import read_prediction_log as read_service_log
-from ..core.settings import DataError, StageParams
+from ..core.settings import DataError, StageParams, UserError
 from .evaluate import METRIC_DIRECTIONS, MetricName, cost_metrics
 from .register import relative_improvement
-from .schema import DataParams
+from .schema import DataParams, derive_columns, parse_periods, period_unit_of
 
 # %% auto #0
 __all__ = ['MonitorParams', 'psi', 'numeric_bin_counts', 'numeric_drift', 'categorical_drift', 'adjust_p_values',
-           'batch_problems', 'has_labels', 'unit_deviance', 'modelled_target', 'performance_decay', 'sample_reference',
-           'feature_evidence', 'monitor_batch', 'read_incoming', 'read_prediction_log', 'should_retrain', 'learnable',
-           'batch_months']
+           'unreadable_numbers', 'label_problems', 'batch_problems', 'unreadable_cells', 'prepare_batch', 'has_labels',
+           'unit_deviance', 'modelled_target', 'performance_decay', 'sample_reference', 'feature_evidence',
+           'monitor_batch', 'read_incoming', 'read_prediction_log', 'should_retrain', 'learnable', 'batch_months']
 
 # %% ../../nbs/stages/07_monitor.ipynb #c006
 class MonitorParams(StageParams):
@@ -112,6 +112,48 @@ def adjust_p_values(p_values:list[float], correction:str) -> np.ndarray:
     return stats.false_discovery_control(p_values, method="bh")
 
 # %% ../../nbs/stages/07_monitor.ipynb #c017
+def _cells(values:pd.Series, bad:pd.Series, what:str) -> str:
+    "'n of N rows <what>, e.g. <value> (first at row i)' for the rows flagged in `bad`."
+    first = int(np.flatnonzero(bad.to_numpy())[0])
+    example = values.iloc[first]
+    example = example.item() if isinstance(example, np.generic) else example  # 0.0, not np.float64(0.0)
+    return f"{int(bad.sum()):,} of {len(values):,} rows {what}, e.g. {example!r} (first at row {first})"
+
+def unreadable_numbers(batch:pd.DataFrame, data:DataParams) -> dict[str, pd.Series]:
+    "Numeric feature -> the rows whose cell holds something that is not a finite number (text like '77kW', inf)."
+    found = {}
+    for column in data.numeric:
+        if column in batch.columns:
+            numbers = pd.to_numeric(batch[column], errors="coerce").astype("float64")
+            bad = (numbers.isna() & batch[column].notna()) | np.isinf(numbers)
+            if bad.any():
+                found[column] = bad
+    return found
+
+def label_problems(batch:pd.DataFrame, data:DataParams) -> list[str]:
+    "What makes the costs (and exposure) of a labelled batch unusable; [] when fine or when the batch has none."
+    if data.target not in batch.columns or batch[data.target].isna().all():
+        return []
+    target = pd.to_numeric(batch[data.target], errors="coerce").astype("float64")
+    lowest = {"gamma": "zero or negative", "poisson": "negative", "tweedie": "negative"}.get(data.objective)
+    problems = []
+    if not np.isfinite(target).all():
+        problems.append(f"column '{data.target}' (data.target): "
+                        + _cells(batch[data.target], ~np.isfinite(target), "empty, unreadable or infinite"))
+    out_of_range = (target <= 0) if data.objective == "gamma" else (target < 0)
+    if lowest and out_of_range.any():
+        problems.append(f"column '{data.target}' (data.target): "
+                        + _cells(batch[data.target], out_of_range, f"{lowest} (data.objective: {data.objective})"))
+    if data.weight and data.weight not in batch.columns:
+        problems.append(f"column '{data.weight}' (data.weight): missing (a labelled batch needs its exposure)")
+    elif data.weight:
+        weight = pd.to_numeric(batch[data.weight], errors="coerce").astype("float64")
+        bad = ~np.isfinite(weight) | (weight <= 0)
+        if bad.any():
+            problems.append(f"column '{data.weight}' (data.weight): "
+                            + _cells(batch[data.weight], bad, "zero, negative, empty or unreadable"))
+    return problems
+
 def batch_problems(batch:pd.DataFrame, data:DataParams, min_rows:int) -> list[str]:
     "What makes the batch unusable for monitoring (empty list: usable)."
     missing = [f"column '{column}' ({'data.categorical' if column in data.categorical else 'data.numeric'}): missing"
@@ -119,7 +161,23 @@ def batch_problems(batch:pd.DataFrame, data:DataParams, min_rows:int) -> list[st
     problems = missing
     if len(batch) < min_rows:
         problems.append(f"{len(batch)} rows, fewer than monitor.min_rows={min_rows}")
-    return problems
+    for column, bad in unreadable_numbers(batch, data).items():
+        if (bad | batch[column].isna()).all():  # not one number in the column
+            problems.append(f"column '{column}' (data.numeric): no readable number, "
+                            + _cells(batch[column], bad, "unreadable"))
+    return problems + label_problems(batch, data)
+
+def unreadable_cells(batch:pd.DataFrame, data:DataParams) -> list[str]:
+    "One line per numeric feature with some unreadable cells (scored as missing); the batch is still judged."
+    return [f"column '{column}' (data.numeric): " + _cells(batch[column], bad, "unreadable, scored as missing")
+            for column, bad in unreadable_numbers(batch, data).items()]
+
+def prepare_batch(batch:pd.DataFrame, data:DataParams, source:str) -> tuple[pd.DataFrame, list[str]]:
+    "(the batch with its derived columns, a problem line when they cannot be derived)."
+    try:
+        return derive_columns(batch, data, source, batch=True), []
+    except DataError as error:
+        return batch, [str(error)]
 
 def has_labels(batch:pd.DataFrame, data:DataParams) -> bool:
     "Whether the batch carries known costs (and its weight, when one is declared) in every row."
@@ -213,6 +271,7 @@ def monitor_batch(reference:pd.DataFrame,  # the training reference (declared fe
                        "decay_tolerance": params.decay_tolerance}}
     if problems:
         return record
+    record["problems"] = unreadable_cells(batch, data)  # named, and scored as missing: the batch is still judged
     # The champion scores the reference and its evaluation rows on every run: sampled, they cost less than the tests.
     reference = sample_reference(reference, params.reference_rows, params.seed)
     if evaluation is not None:
@@ -223,7 +282,7 @@ def monitor_batch(reference:pd.DataFrame,  # the training reference (declared fe
         for column in data.categorical:
             inputs[column] = inputs[column].astype(str)
         for column in data.numeric:
-            inputs[column] = pd.to_numeric(inputs[column], errors="coerce").astype("float64")
+            inputs[column] = pd.to_numeric(inputs[column], errors="coerce").astype("float64").replace([np.inf, -np.inf], np.nan)
         batch_predictions = np.asarray(model.predict(inputs), dtype=float)
     if model is not None:
         reference_predictions = np.asarray(model.predict(reference[data.features]), dtype=float)
@@ -283,9 +342,12 @@ def learnable(flagged:list[str], # flagged months, YYYY-MM
     held_out = sorted(set(months))[-test_months:]
     return [month for month in flagged if month < held_out[0]]
 
-def batch_months(frame:pd.DataFrame, period:str) -> list[str]:
-    "The report months (YYYY-MM) in a table's period column; unreadable values are left out."
+def batch_months(frame:pd.DataFrame, # a batch, or the reference
+                 period:str,         # the period column
+                 unit:str="auto",    # the claims' period unit (month, quarter, year), so a batch reads alike
+                ) -> list[str]:
+    "The periods in a table's period column as pandas writes them (2024-01, 2024Q1, 2024); unreadable ones left out."
     if not period or period not in frame.columns:
         return []
-    months = pd.to_datetime(frame[period], errors="coerce").dropna().dt.to_period("M").astype(str)
-    return sorted(months.unique())
+    periods = parse_periods(frame[period], period, unit, errors="coerce").dropna().astype(str)
+    return sorted(periods.unique())

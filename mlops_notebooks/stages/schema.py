@@ -5,15 +5,18 @@
 # %% ../../nbs/stages/schema.ipynb #c003
 from __future__ import annotations
 
+import re
 from typing import ClassVar, Literal
 
+import numpy as np
 import pandas as pd
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from ..core.settings import StageParams
+from ..core.settings import DataError, StageParams
 
 # %% auto #0
-__all__ = ['Objective', 'Aggregation', 'DEVIANCE_POWER', 'JoinedTable', 'DataParams', 'check_month']
+__all__ = ['Objective', 'Aggregation', 'DEVIANCE_POWER', 'PeriodUnit', 'PERIOD_FORMS', 'JoinedTable', 'Derivation', 'DataParams',
+           'as_text', 'derive_columns', 'check_month', 'read_period', 'period_unit_of', 'parse_periods', 'period_span']
 
 # %% ../../nbs/stages/schema.ipynb #c005
 Objective = Literal["squared_error", "poisson", "gamma", "tweedie"]
@@ -26,6 +29,48 @@ class JoinedTable(StageParams):
     source: str = ""                              # CSV or Parquet path relative to the project root; '' = none
     aggregate: dict[str, Aggregation] = {}        # column -> how the rows of one id combine; ids absent get 0 for sum/count
 
+PeriodUnit = Literal["auto", "month", "quarter", "year"]
+
+class Derivation(StageParams):
+    "How one column is computed from the source's columns at ingest: `from` one column or the `sum` of several, then scaled; or the `join` of several as text (a composite id)."
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+    source: str = Field("", alias="from")   # a column, as is (then scaled)
+    sum: list[str] = []                     # columns added up row by row
+    join: list[str] = []                    # columns written side by side as text, e.g. a policy and its year: a row id
+    separator: str = "-"                    # join: what goes between them (Q makes a year and a quarter 2023Q2)
+    multiply_by: float = 1.0                # scale the number (e.g. 100 for a share in percent)
+    divide_by: float = 1.0                  # e.g. 365.25 for days -> years
+    empty_as_zero: bool = False             # sum: an empty cell counts 0 (otherwise the result is empty)
+
+    @model_validator(mode="after")
+    def _one_operation(self):
+        given = [name for name, value in [("from", self.source), ("sum", self.sum), ("join", self.join)] if value]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of from, sum, join (got {', '.join(given) or 'none'})")
+        if self.divide_by == 0:
+            raise ValueError("divide_by: 0 would divide by zero")
+        if self.join and (self.multiply_by != 1 or self.divide_by != 1):
+            raise ValueError("join makes text: multiply_by and divide_by do not apply")
+        if self.separator != "-" and not self.join:
+            raise ValueError("separator applies to join only")
+        return self
+
+    @property
+    def inputs(self) -> list[str]:
+        "The source columns it reads."
+        return [self.source] if self.source else [*self.sum, *self.join]
+
+    def describe(self) -> str:
+        "The definition as a formula, for lineage tags and messages."
+        if self.join:
+            return "join(" + ", ".join(self.join) + (f", separator {self.separator!r}" if self.separator != "-" else "") + ")"
+        text = self.source or " + ".join(self.sum)
+        if self.sum and (self.multiply_by != 1 or self.divide_by != 1):
+            text = f"({text})"
+        text += f" * {self.multiply_by:g}" if self.multiply_by != 1 else ""
+        text += f" / {self.divide_by:g}" if self.divide_by != 1 else ""
+        return text + (" (empty = 0)" if self.empty_as_zero and self.sum else "")
+
 class DataParams(StageParams):
     "The `data` section of params.yaml: the claims table and the role of each column."
     section: ClassVar[str] = "data"
@@ -35,10 +80,12 @@ class DataParams(StageParams):
     target: str                       # what is predicted
     weight: str = ""                  # exposure / sample weight; '' = every row weighs 1
     target_per_weight: bool = False   # learn target / weight (a frequency, a pure premium) instead of the target
-    period: str = ""                  # report period (date or YYYY-MM); '' = the data has none
+    period: str = ""                  # report period column: a date, YYYY-MM, a year 2023 or a quarter 2023Q2; '' = none
+    period_unit: PeriodUnit = "auto"  # auto: as written (a date counts as its month); or coarser: month, quarter, year
     categorical: list[str] = []       # features used as categories
     numeric: list[str] = []           # features used as numbers (booleans become 0/1)
     dropped: list[str] = []           # columns present in the source and deliberately unused
+    derived: dict[str, Derivation] = {}  # column -> how ingest computes it from the source (see below)
     objective: Objective = "gamma"    # the deviance trained on and reported
     tweedie_power: float = Field(1.5, gt=1, lt=2)  # power of the Tweedie deviance when objective is tweedie
 
@@ -54,13 +101,27 @@ class DataParams(StageParams):
                 if column in seen:
                     raise ValueError(f"column '{column}' has two roles: {seen[column]} and {role}")
                 seen[column] = role
+        for column in self.derived:
+            if seen.get(column, "derived_from") == "derived_from":
+                raise ValueError(f"derived column '{column}' has no role: declare it as data.id, data.target, "
+                                 "data.weight, a feature or under data.dropped")
         return self
 
     def roles_by_kind(self) -> dict[str, list[str]]:
         "Role -> its columns, for every declared column."
         single = {"id": self.id, "target": self.target, "weight": self.weight, "period": self.period}
-        return {**{role: [column] for role, column in single.items() if column},
-                "categorical": list(self.categorical), "numeric": list(self.numeric), "dropped": list(self.dropped)}
+        roles = {**{role: [column] for role, column in single.items() if column},
+                 "categorical": list(self.categorical), "numeric": list(self.numeric), "dropped": list(self.dropped)}
+        declared = {column for columns in roles.values() for column in columns}
+        # A source column read only to derive another one needs no role of its own: it is set aside like `dropped`.
+        sources = [column for derivation in self.derived.values() for column in derivation.inputs]
+        roles["derived_from"] = list(dict.fromkeys(column for column in sources if column not in declared))
+        return roles
+
+    @property
+    def set_aside(self) -> list[str]:
+        "Columns read but not modelled: `dropped`, and the sources of derived columns that have no role of their own."
+        return [*self.dropped, *self.roles_by_kind()["derived_from"]]
 
     @property
     def features(self) -> list[str]:
@@ -77,6 +138,51 @@ class DataParams(StageParams):
         "Power of the objective's Tweedie deviance (0 squared error, 1 Poisson, 2 Gamma)."
         return self.tweedie_power if self.objective == "tweedie" else DEVIANCE_POWER[self.objective]
 
+# %% ../../nbs/stages/schema.ipynb #c008e
+def as_text(values:pd.Series) -> pd.Series:
+    "Each value as text (2023.0 -> '2023'), empty values staying empty."
+    return values.map(lambda value: value if pd.isna(value) else re.sub(r"\.0+$", "", str(value)))
+
+def _numbers(table:pd.DataFrame, column:str, name:str, source:str) -> pd.Series:
+    "A source column as numbers; `DataError` when none of its values is one."
+    numbers = pd.to_numeric(table[column], errors="coerce").astype("float64")
+    if numbers.isna().all() and table[column].notna().any():
+        raise DataError(f"{source}: data.derived.{name}: column '{column}' has no numbers "
+                        f"(e.g. {table[column].dropna().iloc[0]!r})")
+    return numbers
+
+def derive_columns(table:pd.DataFrame, # the source table
+                   data:DataParams,    # the declaration: data.derived
+                   source:str,         # the file, for messages
+                   batch:bool=False,   # an incoming batch: skip a derivation whose columns it lacks (e.g. unlabelled)
+                  ) -> pd.DataFrame:
+    "The table with the derived columns computed, in the order declared."
+    if not data.derived:
+        return table
+    table = table.copy()
+    for name, how in data.derived.items():
+        missing = [column for column in how.inputs if column not in table.columns]
+        if missing and batch:
+            continue
+        if missing:
+            raise DataError(f"{source}: data.derived.{name}: no column(s) {', '.join(map(repr, missing))} in the source")
+        if name in table.columns and name not in how.inputs and not batch:
+            raise DataError(f"{source}: data.derived.{name}: the source already has a column '{name}' "
+                            "(declare it under data.dropped and derive another name, or drop the derivation)")
+        if how.join:
+            parts = [as_text(table[column]) for column in how.join]
+            joined = parts[0].str.cat(parts[1:], sep=how.separator)
+            table[name] = joined.where(pd.concat(parts, axis=1).notna().all(axis=1))
+            continue
+        numbers = [_numbers(table, column, name, source) for column in how.inputs]
+        if how.sum:
+            frame = pd.concat(numbers, axis=1)
+            value = frame.sum(axis=1, min_count=1) if how.empty_as_zero else frame.sum(axis=1, skipna=False)
+        else:
+            value = numbers[0]
+        table[name] = value * how.multiply_by / how.divide_by
+    return table
+
 # %% ../../nbs/stages/schema.ipynb #c010
 def check_month(value:str) -> str:
     "Accept `''` or a `YYYY-MM` month."
@@ -86,3 +192,92 @@ def check_month(value:str) -> str:
         except (ValueError, TypeError):
             raise ValueError("expected a month as YYYY-MM") from None  # the message adds (got ...)
     return value
+
+# %% ../../nbs/stages/schema.ipynb #c014
+PERIOD_FORMS = "a year 2023, a quarter 2023Q2, a month 2023-05 or a date 2023-05-17"
+_PERIOD_FREQUENCY = {"year": "Y", "quarter": "Q", "month": "M", "date": "D"}
+_FINENESS = {"year": 0, "quarter": 1, "month": 2, "date": 3}
+_WRITTEN = [  # how each kind of period may be written (the whole value), in the order tried
+    ("year", re.compile(r"(?P<year>\d{4})")),
+    ("quarter", re.compile(r"(?P<year>\d{4})[-_ /]?[Qq](?P<quarter>[1-4])")),
+    ("quarter", re.compile(r"[Qq](?P<quarter>[1-4])[-_ /]?(?P<year>\d{4})")),
+    ("month", re.compile(r"(?P<year>\d{4})[-/.](?P<month>\d{1,2})")),
+    ("month", re.compile(r"(?P<year>\d{4})(?P<month>\d{2})")),
+    ("date", re.compile(r"(?P<year>\d{4})-(?P<month>\d{1,2})-(?P<day>\d{1,2})(?:[ T][\d:.+Z-]*)?")),
+    ("date", re.compile(r"(?P<year>\d{4})(?P<month>\d{2})(?P<day>\d{2})")),
+]
+
+def read_period(value) -> tuple[str, pd.Period]|None:
+    "(kind, period) of one written value (a date as its day), or None when it is no period."
+    text = re.sub(r"\.0+$", "", str(value).strip())  # 2023.0: a year that went through a column of floats
+    for kind, pattern in _WRITTEN:
+        match = pattern.fullmatch(text)
+        if match is None:
+            continue
+        parts = {name: int(number) for name, number in match.groupdict().items()}
+        if not 1000 <= parts["year"] <= 2999:
+            return None
+        try:  # a Timestamp checks the month and day (a Period would roll 2023-13 over into 2024-01)
+            day = pd.Timestamp(year=parts["year"], month=parts.get("month", 3 * parts.get("quarter", 1) - 2),
+                               day=parts.get("day", 1))
+        except ValueError:
+            return None
+        return kind, pd.Period(day, freq=_PERIOD_FREQUENCY[kind])
+    return None
+
+# %% ../../nbs/stages/schema.ipynb #c016
+def period_unit_of(values:pd.Series) -> str:
+    "'year', 'quarter' or 'month' for a column of Periods ('' for anything else)."
+    if not isinstance(values.dtype, pd.PeriodDtype):
+        return ""
+    frequency = str(values.dtype).removeprefix("period[").removesuffix("]")  # period[Y-DEC] -> Y-DEC
+    return {"Y": "year", "Q": "quarter", "M": "month"}.get(frequency.split("-")[0], "")
+
+def _target_kind(kinds:pd.Series, counts:np.ndarray, unit:str) -> str:
+    "The kind of period the column becomes: `unit`, or under auto the kind most rows are written in (a date: its month)."
+    if unit != "auto":
+        return unit
+    written = kinds.notna().to_numpy()
+    by_kind = pd.Series(counts[written], index=kinds[written].to_numpy()).groupby(level=0).sum()
+    return "month" if by_kind.idxmax() == "date" else by_kind.idxmax()
+
+def parse_periods(values:pd.Series,   # the period column as read (numbers, text, dates or Periods)
+                  column:str,         # its name, for messages
+                  unit:str="auto",    # auto, or the period wanted: month, quarter, year
+                  errors:str="raise", # raise: a DataError for any unreadable value; coerce: NaT instead
+                  source:str="",      # the file, for messages
+                 ) -> pd.Series:
+    "The column as pandas Periods of one frequency (empty values stay NaT)."
+    where = f"{source}: " if source else ""
+    if isinstance(values.dtype, pd.PeriodDtype) and unit in ("auto", period_unit_of(values)):
+        return values
+    if pd.api.types.is_datetime64_any_dtype(values):
+        if getattr(values.dt, "tz", None) is not None:
+            values = values.dt.tz_localize(None)
+        return values.dt.to_period(_PERIOD_FREQUENCY["month" if unit == "auto" else unit])
+    codes, uniques = pd.factorize(values, use_na_sentinel=True)
+    read = [read_period(value) if str(value).strip() else None for value in uniques]
+    kinds = pd.Series([found[0] if found else None for found in read], dtype=object)
+    counts = np.bincount(codes[codes >= 0], minlength=len(uniques))
+    empty = np.array([not str(value).strip() for value in uniques], dtype=bool)
+    if kinds.notna().any():
+        kind = _target_kind(kinds, counts, unit)
+        fits = kinds.map(lambda found: found is not None and _FINENESS[found] >= _FINENESS[kind]).to_numpy(dtype=bool)
+        periods = [found[1].asfreq(_PERIOD_FREQUENCY[kind]) if fit else pd.NaT for found, fit in zip(read, fits)]
+    else:
+        kind, fits, periods = ("month" if unit == "auto" else unit), np.zeros(len(uniques), dtype=bool), [pd.NaT] * len(uniques)
+    unreadable = ~fits & ~empty
+    if errors == "raise" and unreadable.any():
+        bad = np.flatnonzero(unreadable[codes] & (codes >= 0))
+        coarser = [uniques[i] for i in np.flatnonzero(unreadable) if kinds[i] is not None]
+        why = f" (written coarser than a {kind})" if coarser and len(coarser) == unreadable.sum() else ""
+        example = values.iloc[bad[0]]
+        example = example.item() if isinstance(example, np.generic) else example  # 20231, not np.int64(20231)
+        raise DataError(f"{where}column '{column}' (data.period): {len(bad):,} value(s) are not a period{why}, e.g. "
+                        f"{example!r} (first at row {bad[0]}); write {PERIOD_FORMS}")
+    table = pd.PeriodIndex([*periods, pd.NaT], freq=_PERIOD_FREQUENCY[kind])
+    return pd.Series(table.take(np.where(codes >= 0, codes, len(uniques))), index=values.index, name=values.name)
+
+def period_span(values:pd.Series) -> str:
+    "'first..last' of a column of Periods, as pandas writes them (2022..2023, 2023Q1..2023Q4, 2023-01..2023-12)."
+    return f"{values.min()}..{values.max()}"

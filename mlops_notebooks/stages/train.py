@@ -15,15 +15,16 @@ import pandas as pd
 from pydantic import Field
 from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import HistGradientBoostingRegressor
+from sklearn.model_selection import KFold
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import OrdinalEncoder
+from sklearn.preprocessing import OrdinalEncoder, TargetEncoder
 
 from ..core.settings import DataError, ParamsError, StageParams
 from .schema import DataParams
 
 # %% auto #0
-__all__ = ['MODEL_ARTIFACT_NAME', 'TrainParams', 'build_booster', 'build_model', 'feature_frame', 'sample_weight', 'fit_model',
-           'model_requirements', 'log_training_run']
+__all__ = ['MODEL_ARTIFACT_NAME', 'TrainParams', 'build_booster', 'check_levels', 'build_model', 'feature_frame', 'sample_weight',
+           'fit_model', 'model_requirements', 'log_training_run']
 
 # %% ../../nbs/stages/04_train.ipynb #c004
 class TrainParams(StageParams):
@@ -35,6 +36,9 @@ class TrainParams(StageParams):
     max_leaf_nodes: int = Field(31, ge=2)     # leaves per tree
     min_samples_leaf: int = Field(20, ge=1)   # scikit-learn only: rows per leaf at least
     l2_regularization: float = Field(0.0, ge=0)
+    max_categories: int = Field(64, ge=2, le=255)  # levels a categorical feature keeps as its own (see below)
+    min_category_rows: int = Field(100, ge=1)      # a level seen in fewer training rows joins the 'other' level
+    high_cardinality: Literal["other", "target", "refuse"] = "other"  # a feature with more than max_categories levels
     seed: int = 0
 
 # %% ../../nbs/stages/04_train.ipynb #c006
@@ -42,8 +46,12 @@ _SKLEARN_LOSS = {"squared_error": "squared_error", "poisson": "poisson", "gamma"
 _XGBOOST_OBJECTIVE = {"squared_error": "reg:squarederror", "poisson": "count:poisson", "gamma": "reg:gamma",
                       "tweedie": "reg:tweedie"}
 
-def build_booster(data:DataParams, params:TrainParams):
+def build_booster(data:DataParams, params:TrainParams,
+                  categorical:int|None=None, # leading input columns that are categories (default: data.categorical)
+                 ):
     "An unfitted booster for the declared objective."
+    categorical = len(data.categorical) if categorical is None else categorical
+    others = len(data.features) - categorical
     if params.estimator == "xgboost":
         from xgboost import XGBRegressor
         extra = {"tweedie_variance_power": data.tweedie_power} if data.objective == "tweedie" else {}
@@ -51,7 +59,7 @@ def build_booster(data:DataParams, params:TrainParams):
             objective=_XGBOOST_OBJECTIVE[data.objective], learning_rate=params.learning_rate,
             n_estimators=params.max_iter, max_leaves=params.max_leaf_nodes, max_depth=0, grow_policy="lossguide",
             reg_lambda=params.l2_regularization, tree_method="hist", random_state=params.seed,
-            feature_types=["c"] * len(data.categorical) + ["q"] * len(data.numeric), enable_categorical=True,
+            feature_types=["c"] * categorical + ["q"] * others, enable_categorical=True,
             **extra)
     if data.objective not in _SKLEARN_LOSS:
         raise ParamsError(f"params.yaml: data.objective={data.objective} needs train.estimator: xgboost "
@@ -60,18 +68,38 @@ def build_booster(data:DataParams, params:TrainParams):
         loss=_SKLEARN_LOSS[data.objective], learning_rate=params.learning_rate, max_iter=params.max_iter,
         max_leaf_nodes=params.max_leaf_nodes, min_samples_leaf=params.min_samples_leaf,
         l2_regularization=params.l2_regularization, early_stopping=False, random_state=params.seed,
-        categorical_features=list(range(len(data.categorical))),  # the encoder puts categorical columns first
+        categorical_features=list(range(categorical)),  # the encoder puts categorical columns first
     )
 
-def build_model(data:DataParams, params:TrainParams) -> Pipeline:
+def check_levels(levels:dict[str, int], # categorical column -> its count of levels in the training rows
+                 rows:int,              # training rows
+                 params:TrainParams,
+                ):
+    "Stop, naming the column, where no encoding fits: nearly a level per row, or many levels under `refuse`."
+    for column, count in levels.items():
+        if count > params.max_categories and count > rows / 2:
+            raise DataError(f"column '{column}' (data.categorical): {count:,} levels in {rows:,} training rows, "
+                            "nearly one per row: an identifier, not a feature (declare it under data.dropped)")
+        if count > params.max_categories and params.high_cardinality == "refuse":
+            raise DataError(f"column '{column}' (data.categorical): {count:,} levels, more than train.max_categories="
+                            f"{params.max_categories} (train.high_cardinality: refuse); group its levels, or set "
+                            "train.high_cardinality: other (rare levels share one) or target (a level's mean target)")
+
+def build_model(data:DataParams, params:TrainParams,
+                levels:dict[str, int]|None=None, # levels per categorical column in training (None: not known)
+               ) -> Pipeline:
     "An unfitted encoding + gradient-boosting pipeline."
-    encode = ColumnTransformer(
-        [("categorical", OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=np.nan,
-                                        encoded_missing_value=np.nan), data.categorical),
-         ("numeric", "passthrough", data.numeric)],
-        verbose_feature_names_out=False,
-    )
-    return Pipeline([("encode", encode), ("model", build_booster(data, params))])
+    by_target = [column for column in data.categorical
+                 if params.high_cardinality == "target" and (levels or {}).get(column, 0) > params.max_categories]
+    native = [column for column in data.categorical if column not in by_target]
+    encoders = [("categorical", OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=np.nan,
+                                               encoded_missing_value=np.nan, min_frequency=params.min_category_rows,
+                                               max_categories=params.max_categories), native)]
+    if by_target:  # numbers to the booster: after the categories, before the numeric columns
+        folds = KFold(n_splits=5, shuffle=True, random_state=params.seed)  # the cross-fitting, seeded
+        encoders.append(("target", TargetEncoder(target_type="continuous", cv=folds), by_target))
+    encode = ColumnTransformer([*encoders, ("numeric", "passthrough", data.numeric)], verbose_feature_names_out=False)
+    return Pipeline([("encode", encode), ("model", build_booster(data, params, categorical=len(native)))])
 
 def feature_frame(frame:pd.DataFrame, data:DataParams) -> pd.DataFrame:
     "The model's input columns, in the declared order."
@@ -85,7 +113,9 @@ def fit_model(train:pd.DataFrame, data:DataParams, params:TrainParams) -> Pipeli
     "Fit the pipeline on the training rows, weighted by the declared weight."
     if len(train) == 0:
         raise DataError("the training set is empty")
-    model = build_model(data, params)
+    levels = {column: int(train[column].nunique()) for column in data.categorical}
+    check_levels(levels, len(train), params)
+    model = build_model(data, params, levels)
     return model.fit(feature_frame(train, data), train[data.model_target],
                      model__sample_weight=sample_weight(train, data))
 

@@ -8,22 +8,37 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ..core.settings import DataError, ParamsError
 from .schema import DataParams
-from .train import TrainParams, build_booster, build_model
+from .train import TrainParams, build_booster, build_model, check_levels
 
 # %% auto #0
-__all__ = ['fit_encoder', 'fit_on_cluster']
+__all__ = ['encoder_sample', 'fit_encoder', 'fit_on_cluster']
 
 # %% ../../nbs/stages/dask/04_train.ipynb #c024
+def encoder_sample(counts:pd.Series, params) -> np.ndarray:
+    "Levels repeated so that the encoder fitted on them pools the rare levels it would pool on the column itself."
+    counts = counts.sort_values(ascending=False, kind="stable")
+    frequent = params.min_category_rows + np.maximum(0, params.max_categories - np.arange(len(counts)))
+    return np.repeat(counts.index.to_numpy(), np.where(counts < params.min_category_rows, counts, frequent))
+
 def fit_encoder(train, data:DataParams, params):
-    "The pipeline's encoder, fitted on the distinct categories of the dask frame `train`."
-    categories = {column: sorted(train[column].dropna().unique().compute()) for column in data.categorical}
-    longest = max([len(values) for values in categories.values()], default=1)
-    sample = pd.DataFrame({column: [values[i % len(values)] for i in range(longest)]
-                           for column, values in categories.items()})
+    "The pipeline's encoder, fitted on samples built from the category counts of the dask frame `train`."
+    import dask
+    counts = dict(zip(data.categorical, dask.compute(*[train[column].value_counts() for column in data.categorical])))
+    levels = {column: len(found) for column, found in counts.items()}
+    check_levels(levels, int(next(iter(counts.values())).sum()) if counts else 0, params)
+    if params.high_cardinality == "target" and any(count > params.max_categories for count in levels.values()):
+        raise ParamsError("params.yaml: train.high_cardinality: target needs every training row in one process; "
+                          "on the Dask cluster use other (or refuse)")
+    samples = {column: encoder_sample(found, params) for column, found in counts.items()}
+    longest = max([len(values) for values in samples.values()], default=1)
+    # Padded with empty values, which the encoder neither counts nor pools.
+    sample = pd.DataFrame({column: pd.Series(values, dtype=object).reindex(range(longest))
+                           for column, values in samples.items()})
     for column in data.numeric:
         sample[column] = 0.0
     return build_model(data, params).named_steps["encode"].fit(sample[data.features])

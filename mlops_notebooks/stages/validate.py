@@ -5,7 +5,7 @@
 # %% ../../nbs/stages/02_validate.ipynb #c003
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -13,11 +13,11 @@ import pandera.pandas as pa
 from pydantic import Field
 
 from ..core.settings import DataError, ParamsError, StageParams
-from .schema import DataParams
+from .schema import DataParams, parse_periods, period_unit_of
 
 # %% auto #0
-__all__ = ['ValidateParams', 'declared_schema', 'describe_failures', 'check_roles', 'check_claims', 'validation_summary',
-           'storable']
+__all__ = ['PERIOD_CHECK', 'ValidateParams', 'declared_schema', 'resolve_duplicates', 'describe_failures', 'check_roles',
+           'duplicate_hint', 'check_claims', 'validation_summary', 'storable']
 
 # %% ../../nbs/stages/02_validate.ipynb #c004
 class ValidateParams(StageParams):
@@ -28,6 +28,8 @@ class ValidateParams(StageParams):
     ranges: dict[str, tuple[float | None, float | None]] = {}  # column -> [min, max], inclusive; null = open
     categories: dict[str, list[str | int]] = {}      # column -> its allowed values
     nullable: list[str] = []                         # feature columns that may be empty
+    duplicate_ids: Literal["quarantine", "keep_first", "sum"] = "quarantine"  # rows sharing an id: see below
+    sum_columns: list[str] = []                      # duplicate_ids: sum: the columns added up ([] = the target)
 
 # %% ../../nbs/stages/02_validate.ipynb #c006
 def _finite(series:pd.Series) -> pd.Series:
@@ -39,15 +41,19 @@ def _range_checks(column:str, params:ValidateParams) -> list[pa.Check]:
     low, high = params.ranges.get(column, (None, None))
     return ([pa.Check.ge(low)] if low is not None else []) + ([pa.Check.le(high)] if high is not None else [])
 
+PERIOD_CHECK = "readable as a period (2023, 2023Q2, 2023-05, 2023-05-17)"
+
 def declared_schema(data:DataParams,       # the declared roles
-                    params:ValidateParams, # ranges, categories, nullable columns
+                    params:ValidateParams, # ranges, categories, nullable columns, what to do with duplicate ids
                    ) -> pa.DataFrameSchema:
     "The data contract of the declared claims table."
     finite = pa.Check(_finite, name="finite")
     target_bound = {"gamma": [pa.Check.gt(0)], "poisson": [pa.Check.ge(0)], "tweedie": [pa.Check.ge(0)]}
-    columns = {data.id: pa.Column(None, unique=True, coerce=False)}
+    # Duplicate ids are the schema's to set aside only under `quarantine`; otherwise they are resolved afterwards.
+    columns = {data.id: pa.Column(None, unique=params.duplicate_ids == "quarantine", coerce=False)}
     if data.period:
-        columns[data.period] = pa.Column("datetime64[ns]")
+        readable = lambda values: parse_periods(values, data.period, data.period_unit, errors="coerce").notna()
+        columns[data.period] = pa.Column(None, pa.Check(readable, name=PERIOD_CHECK), coerce=False)
     for column in data.categorical:
         allowed = [pa.Check.isin([str(value) for value in params.categories[column]])] if column in params.categories else []
         columns[column] = pa.Column(None, allowed, nullable=column in params.nullable, coerce=False)
@@ -59,6 +65,30 @@ def declared_schema(data:DataParams,       # the declared roles
     if data.weight:
         columns[data.weight] = pa.Column("float64", [finite, pa.Check.gt(0), *_range_checks(data.weight, params)])
     return pa.DataFrameSchema(columns, coerce=True, strict=True)
+
+# %% ../../nbs/stages/02_validate.ipynb #c010d
+def resolve_duplicates(clean:pd.DataFrame,    # rows that passed the schema (duplicate ids allowed unless quarantine)
+                       data:DataParams,
+                       params:ValidateParams, # duplicate_ids and sum_columns
+                      ) -> tuple[pd.DataFrame, pd.Series]:
+    "(one row per id, the labels of the rows set aside -> why), as `validate.duplicate_ids` says."
+    set_aside = pd.Series(dtype=str)
+    if params.duplicate_ids == "quarantine":  # pandera's uniqueness check has set every copy aside already
+        return clean, set_aside
+    ids = clean[data.id]
+    later = ids.duplicated(keep="first")
+    if not later.any():
+        return clean, set_aside
+    if params.duplicate_ids == "sum":
+        columns = params.sum_columns or [data.target]
+        first = ids.duplicated(keep=False) & ~later
+        totals = clean.groupby(ids, sort=False)[columns].sum()
+        clean = clean.copy()
+        clean.loc[first, columns] = totals.loc[ids[first]].to_numpy()
+        reason = f"{data.id}: duplicate id, summed into its first row ({', '.join(columns)})"
+    else:
+        reason = f"{data.id}: duplicate id, a later copy (the first is kept)"
+    return clean[~later], pd.Series(reason, index=clean.index[later])
 
 # %% ../../nbs/stages/02_validate.ipynb #c008
 def describe_failures(failure_cases:pd.DataFrame, # pandera's `SchemaErrors.failure_cases`
@@ -89,10 +119,14 @@ def check_roles(claims:pd.DataFrame, data:DataParams, params:ValidateParams, sou
     "Every declared column is there and every column has a role; the checks name declared columns only."
     roles = data.roles_by_kind()
     declared = {column: role for role, columns in roles.items() for column in columns}
-    for key in ("ranges", "categories", "nullable"):
+    for key in ("ranges", "categories", "nullable", "sum_columns"):
         unknown = [column for column in getattr(params, key) if column not in declared]
         if unknown:
             raise ParamsError(f"params.yaml: validate.{key}: {', '.join(unknown)} is not a declared column of data")
+    not_numbers = [column for column in params.sum_columns if declared[column] not in ("target", "weight", "numeric")]
+    if not_numbers:
+        raise ParamsError(f"params.yaml: validate.sum_columns: {', '.join(not_numbers)} is not a number (target, "
+                          "weight or numeric) and cannot be summed")
     missing = [f"'{column}' (data.{role})" for column, role in declared.items() if column not in claims.columns]
     if missing:
         raise DataError(f"{source}: declared column(s) missing: {', '.join(missing)}")
@@ -111,6 +145,37 @@ def _row_reasons(failure_cases:pd.DataFrame) -> pd.Series:
     reasons.index = reasons.index.astype("int64")  # pandera gives the row labels as objects
     return reasons
 
+def duplicate_hint(frame:pd.DataFrame, data:DataParams) -> str:
+    "A hint when most repeated ids repeat in other periods: then a row is probably one id in one period."
+    if not data.period or data.period not in frame.columns:
+        return ""
+    repeated = frame[frame[data.id].duplicated(keep=False)]
+    if repeated.empty or (repeated.groupby(data.id)[data.period].nunique() > 1).mean() < 0.5:
+        return ""
+    return (f"hint: most repeated ids repeat in another {data.period}; if a row is one id in one period, make the row "
+            f"id of both: data.derived: {{row_id: {{join: [{data.id}, {data.period}]}}}} and data.id: row_id")
+
+def _schema_failures(frame:pd.DataFrame, cases:pd.DataFrame, schema:pa.DataFrameSchema, data:DataParams,
+                     params:ValidateParams, source:str, rows_in:int) -> tuple[pd.DataFrame, pd.Series]:
+    "(the rows that pass, the failing row labels -> why) from pandera's failure cases; `DataError` when too many fail."
+    lines = describe_failures(cases)
+    # Checks on a column that could not be coerced fail as a whole; its bad rows are already named by the coercion.
+    uncoercible = cases.loc[cases["check"].astype(str).str.startswith("coerce_dtype"), "column"]
+    if (cases["index"].isna() & ~cases["column"].isin(uncoercible)).any():  # a problem of a whole column
+        raise DataError(f"{source} breaks the schema:\n  " + "\n  ".join(lines))
+    reasons = _row_reasons(cases)
+    share = len(reasons) / rows_in
+    if share > params.max_quarantine_share:
+        hint = duplicate_hint(frame, data) if (cases["check"] == "field_uniqueness").any() else ""
+        raise DataError(f"{source}: {len(reasons):,} of {rows_in:,} rows ({share:.2%}) break the schema, more than "
+                        f"validate.max_quarantine_share={params.max_quarantine_share}:\n  " + "\n  ".join(lines)
+                        + (f"\n  {hint}" if hint else ""))
+    try:
+        return schema.validate(frame.drop(index=reasons.index), lazy=True), reasons
+    except pa.errors.SchemaErrors as errors:  # e.g. too few rows left for a check of the whole column
+        raise DataError(f"{source} breaks the schema once bad rows are set aside:\n  "
+                        + "\n  ".join(describe_failures(errors.failure_cases))) from None
+
 def check_claims(raw:pd.DataFrame,        # the ingested table
                  data:DataParams,         # the declared roles
                  params:ValidateParams,   # the checks
@@ -120,32 +185,21 @@ def check_claims(raw:pd.DataFrame,        # the ingested table
     if len(raw) < params.min_rows:
         raise DataError(f"{source}: {len(raw)} rows, fewer than validate.min_rows={params.min_rows}")
     check_roles(raw, data, params, source)
-    frame = raw.drop(columns=data.dropped)
+    frame = raw.drop(columns=data.set_aside)
     for column in data.categorical:  # categories are compared as text, whatever the file stored
         frame[column] = frame[column].astype(str)
     schema = declared_schema(data, params)
     try:
-        return schema.validate(frame, lazy=True), raw.iloc[:0].assign(reason=pd.Series(dtype=str))
+        clean, reasons = schema.validate(frame, lazy=True), pd.Series(dtype=str)
     except pa.errors.SchemaErrors as errors:
-        cases = errors.failure_cases
-    lines = describe_failures(cases)
-    # Checks on a column that could not be coerced fail as a whole; its bad rows are already named by the coercion.
-    uncoercible = cases.loc[cases["check"].astype(str).str.startswith("coerce_dtype"), "column"]
-    if (cases["index"].isna() & ~cases["column"].isin(uncoercible)).any():  # a problem of a whole column
-        raise DataError(f"{source} breaks the schema:\n  " + "\n  ".join(lines))
-    reasons = _row_reasons(cases)
-    share = len(reasons) / len(raw)
-    if share > params.max_quarantine_share:
-        raise DataError(f"{source}: {len(reasons):,} of {len(raw):,} rows ({share:.2%}) break the schema, more than "
-                        f"validate.max_quarantine_share={params.max_quarantine_share}:\n  " + "\n  ".join(lines))
-    quarantine = raw.loc[reasons.index].assign(reason=reasons.to_numpy())
-    try:
-        clean = schema.validate(frame.drop(index=reasons.index), lazy=True)
-    except pa.errors.SchemaErrors as errors:  # e.g. too few rows left for a check of the whole column
-        raise DataError(f"{source} breaks the schema once bad rows are set aside:\n  "
-                        + "\n  ".join(describe_failures(errors.failure_cases))) from None
+        clean, reasons = _schema_failures(frame, errors.failure_cases, schema, data, params, source, len(raw))
+    clean, merged = resolve_duplicates(clean, data, params)
     if len(clean) < params.min_rows:
         raise DataError(f"{source}: {len(clean)} good rows, fewer than validate.min_rows={params.min_rows}")
+    if data.period:
+        clean[data.period] = parse_periods(clean[data.period], data.period, data.period_unit, source=source)
+    quarantine = pd.concat([raw.loc[reasons.index].assign(reason=reasons.to_numpy()),
+                            raw.loc[merged.index].assign(reason=merged.to_numpy())])
     return clean, quarantine
 
 # %% ../../nbs/stages/02_validate.ipynb #c012
@@ -154,7 +208,7 @@ def validation_summary(raw:pd.DataFrame,        # the ingested table
                        quarantine:pd.DataFrame, # the rows set aside, with a `reason`
                        data:DataParams,
                       ) -> dict:
-    "Rows in, kept and set aside (and why), columns, empty shares and the period covered."
+    "Rows in, kept and set aside (and why), columns, empty shares, the periods covered, duplicate ids resolved."
     summary = {
         "rows_in": len(raw),
         "rows": len(claims),
@@ -165,7 +219,12 @@ def validation_summary(raw:pd.DataFrame,        # the ingested table
         "null_share": {column: float(share) for column, share in claims.isna().mean().items() if share > 0},
     }
     if data.period:
-        summary["periods"] = [f"{claims[data.period].min():%Y-%m}", f"{claims[data.period].max():%Y-%m}"]
+        summary["periods"] = [str(claims[data.period].min()), str(claims[data.period].max())]
+        summary["period_unit"] = period_unit_of(claims[data.period])
+    resolved = quarantine["reason"].str.startswith(f"{data.id}: duplicate id, ")
+    if resolved.any():
+        summary["duplicate_ids"] = {"resolution": quarantine["reason"][resolved].iloc[0].split(", ", 1)[1],
+                                    "rows_set_aside": int(resolved.sum())}
     return summary
 
 def storable(quarantine:pd.DataFrame) -> pd.DataFrame:

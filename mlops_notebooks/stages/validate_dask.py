@@ -11,7 +11,7 @@ import pandas as pd
 
 from ..core.cluster import stream_parts
 from ..core.settings import DataError
-from .schema import DataParams
+from .schema import DataParams, period_unit_of
 from .validate import ValidateParams, check_claims, check_roles
 
 # %% auto #0
@@ -22,7 +22,8 @@ def check_partition(part:pd.DataFrame, data:DataParams, params, duplicated:set, 
     "(clean rows, quarantined rows with a reason) of one partition; `params` without whole-table limits."
     is_duplicate = part[data.id].isin(duplicated).to_numpy()
     clean, quarantine = check_claims(part[~is_duplicate], data, params, source)
-    quarantine = pd.concat([part[is_duplicate].assign(reason=f"{data.id}: duplicate id"), quarantine])
+    if params.duplicate_ids == "quarantine":  # every copy set aside; otherwise they are resolved in a part of their own
+        quarantine = pd.concat([part[is_duplicate].assign(reason=f"{data.id}: duplicate id"), quarantine])
     quarantine = quarantine.astype({column: str for column in quarantine.columns if quarantine[column].dtype == object})
     return clean.reset_index(drop=True), quarantine.reset_index(drop=True)
 
@@ -43,6 +44,10 @@ def validate_on_cluster(client, raw_path:Path|str, data:DataParams, params,
     lenient = params.model_copy(update={"min_rows": 0, "max_quarantine_share": 1.0})
     check = dask.delayed(check_partition, nout=2)
     parts = [check(part, data, lenient, duplicated, source) for part in raw.to_delayed()]
+    if duplicated and params.duplicate_ids != "quarantine":
+        copies = raw[raw[data.id].isin(list(duplicated))].compute().reset_index(drop=True)
+        parts.append(dask.delayed(check_claims, nout=2)(copies, data, lenient, source))
+    resolved = f"{data.id}: duplicate id, "  # the reason of a copy set aside by a declared resolution
     reasons, nulls, periods = [], [], []
 
     def collect(frames):
@@ -54,7 +59,8 @@ def validate_on_cluster(client, raw_path:Path|str, data:DataParams, params,
 
     def judge(rows):
         clean_rows, quarantined = rows
-        share = quarantined / rows_in
+        found = pd.concat(reasons).groupby(level=0).sum() if reasons else pd.Series(dtype=int)
+        share = (quarantined - found[found.index.str.startswith(resolved)].sum()) / rows_in
         if share > params.max_quarantine_share:
             found = pd.concat(reasons).groupby(level=0).sum().sort_values(ascending=False)
             raise DataError(f"{source}: {quarantined:,} of {rows_in:,} rows ({share:.2%}) break the schema, more than "
@@ -72,5 +78,10 @@ def validate_on_cluster(client, raw_path:Path|str, data:DataParams, params,
                "columns": [column for column in raw.columns if column not in data.dropped],
                "null_share": {column: float(count / clean_rows) for column, count in null_counts.items() if count > 0}}
     if periods:
-        summary["periods"] = [f"{min(periods):%Y-%m}", f"{max(periods):%Y-%m}"]
+        summary["periods"] = [str(min(periods)), str(max(periods))]
+        summary["period_unit"] = period_unit_of(pd.Series(periods))
+    set_aside = found[found.index.str.startswith(resolved)]
+    if len(set_aside) and set_aside.sum():
+        summary["duplicate_ids"] = {"resolution": set_aside.index[0].split(", ", 1)[1],
+                                    "rows_set_aside": int(set_aside.sum())}
     return summary

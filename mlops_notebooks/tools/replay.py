@@ -67,7 +67,7 @@ def train_candidate(pool:pd.DataFrame, version:int, data:DataParams, split:Featu
     "Split the labelled claims (time split, window) and fit a model on the training part."
     reference, evaluation = split_claims(pool, data, split)
     model = fit_model(reference, data, train)
-    return Candidate(version, model, reference, evaluation, f"{reference[data.period].max():%Y-%m}")
+    return Candidate(version, model, reference, evaluation, str(reference[data.period].max()))  # a period: 2024-03
 
 def gate(challenger:Candidate, champion:Candidate|None, data:DataParams, rule:RegisterParams) -> dict:
     "The registry gate's decision on the challenger, both scored on the challenger's evaluation split."
