@@ -849,6 +849,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                           'mlops_notebooks/tools/team.py'),
                                             'mlops_notebooks.tools.team._stat_fields': ( 'tools/team.html#_stat_fields',
                                                                                          'mlops_notebooks/tools/team.py'),
+                                            'mlops_notebooks.tools.team._worker_tls': ( 'tools/team.html#_worker_tls',
+                                                                                        'mlops_notebooks/tools/team.py'),
                                             'mlops_notebooks.tools.team.add_team_commands': ( 'tools/team.html#add_team_commands',
                                                                                               'mlops_notebooks/tools/team.py'),
                                             'mlops_notebooks.tools.team.alive': ('tools/team.html#alive', 'mlops_notebooks/tools/team.py'),
@@ -934,5 +936,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                          'mlops_notebooks/tools/team.py'),
                                             'mlops_notebooks.tools.team.weed_sockets': ( 'tools/team.html#weed_sockets',
                                                                                          'mlops_notebooks/tools/team.py'),
+                                            'mlops_notebooks.tools.team.worker_folder': ( 'tools/team.html#worker_folder',
+                                                                                          'mlops_notebooks/tools/team.py'),
                                             'mlops_notebooks.tools.team.write_private': ( 'tools/team.html#write_private',
                                                                                           'mlops_notebooks/tools/team.py')}}}

@@ -31,8 +31,8 @@ __all__ = ['CREDENTIAL_VARIABLES', 'SECRETS_FILE', 'TLS_DIR', 'CERTIFICATES', 'W
            'group_members', 'stop_group', 'wait_until', 'port_open', 'postgres_binary', 'postgres_location',
            'scram_verifier', 'init_postgres', 'prepare_databases', 'start_postgres', 'security_toml', 'weed_command',
            'weed_sockets', 's3_client', 'start_seaweedfs', 'auth_config', 'mlflow_command', 'start_mlflow',
-           'client_security', 'start_dask_scheduler', 'start_dask_worker', 'wait_for_workers', 'running',
-           'stop_service', 'stack_up', 'start_stack', 'stop_stack', 'destroy_stack', 'stack_command',
+           'client_security', 'start_dask_scheduler', 'worker_folder', 'start_dask_worker', 'wait_for_workers',
+           'running', 'stop_service', 'stack_up', 'start_stack', 'stop_stack', 'destroy_stack', 'stack_command',
            'add_team_commands', 'configure_dvc_remote', 'remote_command']
 
 # %% ../../nbs/tools/04_team.ipynb #c005
@@ -175,6 +175,7 @@ class StackInfo:
     started: dict = field(default_factory=dict) # service name -> the process's start time (clock ticks after boot)
     inner_ports: dict = field(default_factory=dict)  # SeaweedFS's inner ports, kept across restarts
     n_workers: int = 2              # Dask workers
+    worker_user: str = ""           # run the Dask workers as this user (when root); '' = as ourselves
 
     @property
     def tracking_uri(self) -> str:
@@ -545,16 +546,43 @@ def start_dask_scheduler(info:StackInfo, credentials:dict, stack:dict) -> int:
                Path(info.state_dir) / "dask-scheduler.log", pid)
     return pid
 
+def worker_folder(info:StackInfo, name:str) -> Path:
+    "A worker's own folder: in the state directory, or, for a worker user, one of its own under /tmp."
+    if not info.worker_user:
+        return Path(info.state_dir) / "dask" / name
+    stack_id = hashlib.sha256(info.state_dir.encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"mlops-dask-{stack_id}-{name}"
+
+def _worker_tls(info:StackInfo, folder:Path) -> list[str]:
+    "The worker's TLS options: the stack's, or copies in the worker user's own folder (it cannot read the state)."
+    if not info.worker_user:
+        return _dask_tls(info)
+    for name, kind in [("ca", "crt"), ("cluster", "crt"), ("cluster", "key")]:
+        copy = folder / f"{name}.{kind}"
+        shutil.copyfile(tls_file(info.state_dir, "dask", name, kind), copy)
+        shutil.chown(copy, info.worker_user)
+        copy.chmod(0o600)
+    return ["--tls-ca-file", str(folder / "ca.crt"), "--tls-cert", str(folder / "cluster.crt"),
+            "--tls-key", str(folder / "cluster.key")]
+
 def start_dask_worker(name:str, info:StackInfo, credentials:dict, memory_limit:str="4GiB") -> int:
     "Start one Dask worker (with its nanny), single-threaded, with the object store's credentials."
     dask = str(Path(sys.executable).parent / "dask")
+    folder = worker_folder(info, name)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     env = {**_base_environment(), **DASK_ENVIRONMENT, "AWS_ACCESS_KEY_ID": credentials["AWS_ACCESS_KEY_ID"],
            "AWS_SECRET_ACCESS_KEY": credentials["AWS_SECRET_ACCESS_KEY"], "AWS_DEFAULT_REGION": "us-east-1"}
+    as_user = {}
+    if info.worker_user:  # a user of its own: the workers reach the data through S3 only
+        shutil.chown(folder, info.worker_user)
+        env["HOME"] = str(folder)
+        import pwd
+        as_user = {"user": info.worker_user, "group": pwd.getpwnam(info.worker_user).pw_gid, "extra_groups": []}
     pid, info.started[name] = start_process(
         name, [dask, "worker", info.dask_scheduler, "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard",
                "--dashboard-address", "127.0.0.1:0", "--memory-limit", memory_limit, "--name", name,
-               "--local-directory", str(Path(info.state_dir) / "dask"), *_dask_tls(info)],
-        Path(info.state_dir), env=env)
+               "--local-directory", str(folder), *_worker_tls(info, folder)],
+        Path(info.state_dir), env=env, cwd=folder, **as_user)
     info.pids[name] = pid
     return pid
 
@@ -588,7 +616,7 @@ def stop_service(info:StackInfo, name:str) -> bool:
             path.unlink(missing_ok=True)
     return stopped
 
-def _new_stack(state_dir:Path, ports:StackPorts, n_workers:int) -> StackInfo:
+def _new_stack(state_dir:Path, ports:StackPorts, n_workers:int, worker_user:str) -> StackInfo:
     "Record a new stack in `state_dir` (which gets mode 0700, or 0711 for the postgres user to reach its data)."
     busy = [f"{name} {port}" for name, port in asdict(ports).items() if port_open(port)]
     if busy:
@@ -596,7 +624,8 @@ def _new_stack(state_dir:Path, ports:StackPorts, n_workers:int) -> StackInfo:
     state_dir.mkdir(parents=True, exist_ok=True)
     state_dir.chmod(0o711 if os.geteuid() == 0 else 0o700)  # 0711: others may pass through, not list or read
     info = StackInfo(state_dir=str(state_dir), postgres_dir=str(postgres_location(state_dir)), ports=asdict(ports),
-                     inner_ports={flag: free_port() for flag in WEED_INNER_PORTS}, n_workers=n_workers)
+                     inner_ports={flag: free_port() for flag in WEED_INNER_PORTS}, n_workers=n_workers,
+                     worker_user=worker_user)
     save_stack(info)
     return info
 
@@ -604,12 +633,15 @@ def stack_up(state_dir:Path|str,         # where the stack keeps its data, logs,
              ports:StackPorts|None=None, # a new stack's ports; the usual ones by default (a recorded stack keeps its own)
              environ:dict|None=None,     # where the credentials come from; os.environ by default
              n_workers:int=2,            # a new stack's Dask workers
+             worker_user:str="",         # a new stack's Dask workers run as this user (root only; tests: `nobody`)
             ) -> tuple[StackInfo, list[str]]:
     "Start the stack, or whatever of a recorded stack is not running; return it and the services started."
     credentials = stack_credentials(environ)
     state_dir = Path(state_dir).resolve()
     fresh = not (state_dir / STACK_FILE).exists()
-    info = _new_stack(state_dir, ports or StackPorts(), n_workers) if fresh else load_stack(state_dir)
+    if worker_user and os.geteuid() != 0:
+        raise UserError("team stack: only root can run the Dask workers as another user")
+    info = _new_stack(state_dir, ports or StackPorts(), n_workers, worker_user) if fresh else load_stack(state_dir)
     starters = {"postgres": start_postgres, "seaweedfs": start_seaweedfs, "mlflow": start_mlflow,
                 "dask-scheduler": start_dask_scheduler}
     started = []
@@ -640,9 +672,10 @@ def stack_up(state_dir:Path|str,         # where the stack keeps its data, logs,
         raise
     return info, started
 
-def start_stack(state_dir:Path|str, ports:StackPorts|None=None, environ:dict|None=None, n_workers:int=2) -> StackInfo:
+def start_stack(state_dir:Path|str, ports:StackPorts|None=None, environ:dict|None=None, n_workers:int=2,
+                worker_user:str="") -> StackInfo:
     "Start PostgreSQL, SeaweedFS, the MLflow server and a Dask cluster on 127.0.0.1 (see `stack_up`)."
-    return stack_up(state_dir, ports, environ, n_workers)[0]
+    return stack_up(state_dir, ports, environ, n_workers, worker_user)[0]
 
 def stop_stack(state_dir:Path|str) -> list[str]:
     "Stop every process of the stack in `state_dir` by process group, checking none is left; keep its data."
@@ -657,6 +690,8 @@ def destroy_stack(state_dir:Path|str) -> list[str]:
     if postgres_dir.parent.name.startswith("mlops-postgres-"):  # its own folder under the temporary directory
         shutil.rmtree(postgres_dir.parent, ignore_errors=True)
     shutil.rmtree(postgres_dir, ignore_errors=True)
+    for name in info.services:
+        shutil.rmtree(worker_folder(info, name), ignore_errors=True)
     shutil.rmtree(info.state_dir, ignore_errors=True)
     return stopped
 
