@@ -23,6 +23,8 @@ import requests
 
 from conftest import BIN, dvc, project_env, run, set_params
 
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs it; `make test` does not
+
 MODEL = "claims-cost"
 FEATURES = ["line_of_business", "claim_type", "region", "policyholder_age", "claimant_age", "vehicle_age",
             "sum_insured", "policy_tenure_years", "report_delay_days", "initial_reserve", "injury", "litigation"]
@@ -40,7 +42,6 @@ from mlops_notebooks.stages.train import TrainParams, feature_frame, fit_model, 
 from mlops_notebooks.core.settings import configure_mlflow, load_settings, project_root
 from mlops_notebooks.serving.serve import Champion
 
-pytestmark = pytest.mark.slow  # `make test-all` (CI) runs it; `make test` does not
 root = project_root()
 configure_mlflow(load_settings(root), root)
 features = DataParams(**yaml.safe_load(open("params.yaml"))["data"])
@@ -458,7 +459,7 @@ def reset_registry(project: Path, max_iter: int) -> str:
     set_params(project, {"train": {"max_iter": max_iter}})
     dvc(project, "repro", "register")
     version = MlflowClient(tracking_uri=store, registry_uri=store).get_model_version_by_alias(MODEL, "champion")
-    assert version.version == "1", version
+    assert int(version.version) == 1, version
     return version.run_id
 
 
