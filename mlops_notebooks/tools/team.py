@@ -175,7 +175,7 @@ class StackInfo:
     started: dict = field(default_factory=dict) # service name -> the process's start time (clock ticks after boot)
     inner_ports: dict = field(default_factory=dict)  # SeaweedFS's inner ports, kept across restarts
     n_workers: int = 2              # Dask workers
-    worker_user: str = ""           # run the Dask workers as this user (when root); '' = as ourselves
+    worker_hidden: list = field(default_factory=list)  # folders the Dask workers must not see (root only)
 
     @property
     def tracking_uri(self) -> str:
@@ -547,21 +547,20 @@ def start_dask_scheduler(info:StackInfo, credentials:dict, stack:dict) -> int:
     return pid
 
 def worker_folder(info:StackInfo, name:str) -> Path:
-    "A worker's own folder: in the state directory, or, for a worker user, one of its own under /tmp."
-    if not info.worker_user:
+    "A worker's own folder: in the state directory, or, when folders are hidden from it, one of its own under /tmp."
+    if not info.worker_hidden:
         return Path(info.state_dir) / "dask" / name
     stack_id = hashlib.sha256(info.state_dir.encode()).hexdigest()[:10]
     return Path(tempfile.gettempdir()) / f"mlops-dask-{stack_id}-{name}"
 
 def _worker_tls(info:StackInfo, folder:Path) -> list[str]:
-    "The worker's TLS options: the stack's, or copies in the worker user's own folder (it cannot read the state)."
-    if not info.worker_user:
+    "The worker's TLS options: the stack's, or copies in its own folder (the state may be hidden from it)."
+    if not info.worker_hidden:
         return _dask_tls(info)
     for name, kind in [("ca", "crt"), ("cluster", "crt"), ("cluster", "key")]:
         copy = folder / f"{name}.{kind}"
-        shutil.copyfile(tls_file(info.state_dir, "dask", name, kind), copy)
-        shutil.chown(copy, info.worker_user)
-        copy.chmod(0o600)
+        copy.unlink(missing_ok=True)
+        write_private(copy, tls_file(info.state_dir, "dask", name, kind).read_bytes())
     return ["--tls-ca-file", str(folder / "ca.crt"), "--tls-cert", str(folder / "cluster.crt"),
             "--tls-key", str(folder / "cluster.key")]
 
@@ -572,17 +571,14 @@ def start_dask_worker(name:str, info:StackInfo, credentials:dict, memory_limit:s
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     env = {**_base_environment(), **DASK_ENVIRONMENT, "AWS_ACCESS_KEY_ID": credentials["AWS_ACCESS_KEY_ID"],
            "AWS_SECRET_ACCESS_KEY": credentials["AWS_SECRET_ACCESS_KEY"], "AWS_DEFAULT_REGION": "us-east-1"}
-    as_user = {}
-    if info.worker_user:  # a user of its own: the workers reach the data through S3 only
-        shutil.chown(folder, info.worker_user)
-        env["HOME"] = str(folder)
-        import pwd
-        as_user = {"user": info.worker_user, "group": pwd.getpwnam(info.worker_user).pw_gid, "extra_groups": []}
-    pid, info.started[name] = start_process(
-        name, [dask, "worker", info.dask_scheduler, "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard",
+    command = [dask, "worker", info.dask_scheduler, "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard",
                "--dashboard-address", "127.0.0.1:0", "--memory-limit", memory_limit, "--name", name,
-               "--local-directory", str(folder), *_worker_tls(info, folder)],
-        Path(info.state_dir), env=env, cwd=folder, **as_user)
+               "--local-directory", str(folder), *_worker_tls(info, folder)]
+    if info.worker_hidden:  # a mount namespace of its own, an empty tmpfs over each hidden folder, then the worker
+        mounts = " && ".join(f"mount -t tmpfs -o size=1m,mode=0700 mlops-hidden '{hidden}'" for hidden in info.worker_hidden)
+        command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$@"', "sh",
+                   *command]
+    pid, info.started[name] = start_process(name, command, Path(info.state_dir), env=env, cwd=folder)
     info.pids[name] = pid
     return pid
 
@@ -616,7 +612,7 @@ def stop_service(info:StackInfo, name:str) -> bool:
             path.unlink(missing_ok=True)
     return stopped
 
-def _new_stack(state_dir:Path, ports:StackPorts, n_workers:int, worker_user:str) -> StackInfo:
+def _new_stack(state_dir:Path, ports:StackPorts, n_workers:int, worker_hidden:list) -> StackInfo:
     "Record a new stack in `state_dir` (which gets mode 0700, or 0711 for the postgres user to reach its data)."
     busy = [f"{name} {port}" for name, port in asdict(ports).items() if port_open(port)]
     if busy:
@@ -625,7 +621,7 @@ def _new_stack(state_dir:Path, ports:StackPorts, n_workers:int, worker_user:str)
     state_dir.chmod(0o711 if os.geteuid() == 0 else 0o700)  # 0711: others may pass through, not list or read
     info = StackInfo(state_dir=str(state_dir), postgres_dir=str(postgres_location(state_dir)), ports=asdict(ports),
                      inner_ports={flag: free_port() for flag in WEED_INNER_PORTS}, n_workers=n_workers,
-                     worker_user=worker_user)
+                     worker_hidden=[str(Path(folder).resolve()) for folder in worker_hidden])
     save_stack(info)
     return info
 
@@ -633,15 +629,16 @@ def stack_up(state_dir:Path|str,         # where the stack keeps its data, logs,
              ports:StackPorts|None=None, # a new stack's ports; the usual ones by default (a recorded stack keeps its own)
              environ:dict|None=None,     # where the credentials come from; os.environ by default
              n_workers:int=2,            # a new stack's Dask workers
-             worker_user:str="",         # a new stack's Dask workers run as this user (root only; tests: `nobody`)
+             worker_hidden:list|None=None, # folders a new stack's Dask workers must not see (root only)
             ) -> tuple[StackInfo, list[str]]:
     "Start the stack, or whatever of a recorded stack is not running; return it and the services started."
     credentials = stack_credentials(environ)
     state_dir = Path(state_dir).resolve()
     fresh = not (state_dir / STACK_FILE).exists()
-    if worker_user and os.geteuid() != 0:
-        raise UserError("team stack: only root can run the Dask workers as another user")
-    info = _new_stack(state_dir, ports or StackPorts(), n_workers, worker_user) if fresh else load_stack(state_dir)
+    if worker_hidden and os.geteuid() != 0:
+        raise UserError("team stack: only root can hide folders from the Dask workers")
+    info = (_new_stack(state_dir, ports or StackPorts(), n_workers, worker_hidden or []) if fresh
+            else load_stack(state_dir))
     starters = {"postgres": start_postgres, "seaweedfs": start_seaweedfs, "mlflow": start_mlflow,
                 "dask-scheduler": start_dask_scheduler}
     started = []
@@ -673,9 +670,9 @@ def stack_up(state_dir:Path|str,         # where the stack keeps its data, logs,
     return info, started
 
 def start_stack(state_dir:Path|str, ports:StackPorts|None=None, environ:dict|None=None, n_workers:int=2,
-                worker_user:str="") -> StackInfo:
+                worker_hidden:list|None=None) -> StackInfo:
     "Start PostgreSQL, SeaweedFS, the MLflow server and a Dask cluster on 127.0.0.1 (see `stack_up`)."
-    return stack_up(state_dir, ports, environ, n_workers, worker_user)[0]
+    return stack_up(state_dir, ports, environ, n_workers, worker_hidden)[0]
 
 def stop_stack(state_dir:Path|str) -> list[str]:
     "Stop every process of the stack in `state_dir` by process group, checking none is left; keep its data."
