@@ -176,6 +176,7 @@ class StackInfo:
     inner_ports: dict = field(default_factory=dict)  # SeaweedFS's inner ports, kept across restarts
     n_workers: int = 2              # Dask workers
     worker_hidden: list = field(default_factory=list)  # folders the Dask workers must not see (root only)
+    worker_memory: str = "4GiB"     # each Dask worker's memory limit
 
     @property
     def tracking_uri(self) -> str:
@@ -564,7 +565,7 @@ def _worker_tls(info:StackInfo, folder:Path) -> list[str]:
     return ["--tls-ca-file", str(folder / "ca.crt"), "--tls-cert", str(folder / "cluster.crt"),
             "--tls-key", str(folder / "cluster.key")]
 
-def start_dask_worker(name:str, info:StackInfo, credentials:dict, memory_limit:str="4GiB") -> int:
+def start_dask_worker(name:str, info:StackInfo, credentials:dict) -> int:
     "Start one Dask worker (with its nanny), single-threaded, with the object store's credentials."
     dask = str(Path(sys.executable).parent / "dask")
     folder = worker_folder(info, name)
@@ -572,7 +573,7 @@ def start_dask_worker(name:str, info:StackInfo, credentials:dict, memory_limit:s
     env = {**_base_environment(), **DASK_ENVIRONMENT, "AWS_ACCESS_KEY_ID": credentials["AWS_ACCESS_KEY_ID"],
            "AWS_SECRET_ACCESS_KEY": credentials["AWS_SECRET_ACCESS_KEY"], "AWS_DEFAULT_REGION": "us-east-1"}
     command = [dask, "worker", info.dask_scheduler, "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard",
-               "--dashboard-address", "127.0.0.1:0", "--memory-limit", memory_limit, "--name", name,
+               "--dashboard-address", "127.0.0.1:0", "--memory-limit", info.worker_memory, "--name", name,
                "--local-directory", str(folder), *_worker_tls(info, folder)]
     if info.worker_hidden:  # a mount namespace of its own, an empty tmpfs over each hidden folder, then the worker
         mounts = " && ".join(f"mount -t tmpfs -o size=1m,mode=0700 mlops-hidden '{hidden}'" for hidden in info.worker_hidden)
@@ -612,7 +613,7 @@ def stop_service(info:StackInfo, name:str) -> bool:
             path.unlink(missing_ok=True)
     return stopped
 
-def _new_stack(state_dir:Path, ports:StackPorts, n_workers:int, worker_hidden:list) -> StackInfo:
+def _new_stack(state_dir:Path, ports:StackPorts, n_workers:int, worker_hidden:list, worker_memory:str) -> StackInfo:
     "Record a new stack in `state_dir` (which gets mode 0700, or 0711 for the postgres user to reach its data)."
     busy = [f"{name} {port}" for name, port in asdict(ports).items() if port_open(port)]
     if busy:
@@ -621,7 +622,7 @@ def _new_stack(state_dir:Path, ports:StackPorts, n_workers:int, worker_hidden:li
     state_dir.chmod(0o711 if os.geteuid() == 0 else 0o700)  # 0711: others may pass through, not list or read
     info = StackInfo(state_dir=str(state_dir), postgres_dir=str(postgres_location(state_dir)), ports=asdict(ports),
                      inner_ports={flag: free_port() for flag in WEED_INNER_PORTS}, n_workers=n_workers,
-                     worker_hidden=[str(Path(folder).resolve()) for folder in worker_hidden])
+                     worker_hidden=[str(Path(folder).resolve()) for folder in worker_hidden], worker_memory=worker_memory)
     save_stack(info)
     return info
 
@@ -630,6 +631,7 @@ def stack_up(state_dir:Path|str,         # where the stack keeps its data, logs,
              environ:dict|None=None,     # where the credentials come from; os.environ by default
              n_workers:int=2,            # a new stack's Dask workers
              worker_hidden:list|None=None, # folders a new stack's Dask workers must not see (root only)
+             worker_memory:str="4GiB",   # a new stack's memory limit per Dask worker
             ) -> tuple[StackInfo, list[str]]:
     "Start the stack, or whatever of a recorded stack is not running; return it and the services started."
     credentials = stack_credentials(environ)
@@ -637,7 +639,7 @@ def stack_up(state_dir:Path|str,         # where the stack keeps its data, logs,
     fresh = not (state_dir / STACK_FILE).exists()
     if worker_hidden and os.geteuid() != 0:
         raise UserError("team stack: only root can hide folders from the Dask workers")
-    info = (_new_stack(state_dir, ports or StackPorts(), n_workers, worker_hidden or []) if fresh
+    info = (_new_stack(state_dir, ports or StackPorts(), n_workers, worker_hidden or [], worker_memory) if fresh
             else load_stack(state_dir))
     starters = {"postgres": start_postgres, "seaweedfs": start_seaweedfs, "mlflow": start_mlflow,
                 "dask-scheduler": start_dask_scheduler}
@@ -670,9 +672,9 @@ def stack_up(state_dir:Path|str,         # where the stack keeps its data, logs,
     return info, started
 
 def start_stack(state_dir:Path|str, ports:StackPorts|None=None, environ:dict|None=None, n_workers:int=2,
-                worker_hidden:list|None=None) -> StackInfo:
+                worker_hidden:list|None=None, worker_memory:str="4GiB") -> StackInfo:
     "Start PostgreSQL, SeaweedFS, the MLflow server and a Dask cluster on 127.0.0.1 (see `stack_up`)."
-    return stack_up(state_dir, ports, environ, n_workers, worker_hidden)[0]
+    return stack_up(state_dir, ports, environ, n_workers, worker_hidden, worker_memory)[0]
 
 def stop_stack(state_dir:Path|str) -> list[str]:
     "Stop every process of the stack in `state_dir` by process group, checking none is left; keep its data."
