@@ -11,7 +11,7 @@ export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: env hooks pipeline experiment report pr-comment pull push lint serve test test-all fuzz lab export bench lock docs docs-serve browser help retrain replay fremtpl2-frequency fremtpl2-pure-premium stack-up stack-down remote
+.PHONY: env hooks pipeline experiment report pr-comment pull push lint serve test test-all fuzz lab export bench lock docs docs-serve browser help retrain replay fremtpl2-frequency fremtpl2-pure-premium stack-up stack-down stack-destroy remote
 
 help:
 	@echo "make pipeline  - run the whole DVC pipeline (dvc repro) on the embedded default, with a summary table"
@@ -31,8 +31,9 @@ help:
 	@echo "make docs-serve - build it and serve it on http://127.0.0.1:$(DOCS_PORT)"
 	@echo "make retrain   - monitor data/incoming; re-train and gate when monitor.retrain says so"
 	@echo "make replay    - replay months of drifting claims: monitor, re-train, gate (reports/replay/)"
-	@echo "make stack-up  - the local team stack on 127.0.0.1: PostgreSQL + MLflow server (auth), SeaweedFS S3, Dask (docs/team-setup.md)"
-	@echo "make stack-down - stop it (every process by its pid) and remove its data"
+	@echo "make stack-up  - the local team stack on 127.0.0.1 (PostgreSQL + MLflow server with auth, SeaweedFS S3, Dask with TLS), or what of it is not running (docs/team-setup.md)"
+	@echo "make stack-down - stop every process it started (by process group); its data stays"
+	@echo "make stack-destroy - stop it and wipe its data (runs, registry, objects, users, secrets)"
 	@echo "make remote    - make settings.ini's dvc_remote DVC's default remote (then dvc push / dvc pull)"
 	@echo "make fremtpl2-frequency / fremtpl2-pure-premium - the pipeline on the real freMTPL2 data (replaces params.yaml)"
 
@@ -168,12 +169,16 @@ browser:
 	@command -v chromium >/dev/null || { echo "chromium is missing and could not be installed"; exit 1; }
 
 # The shared team setup rehearsed on one machine (docs/team-setup.md): needs MLFLOW_TRACKING_USERNAME,
-# MLFLOW_TRACKING_PASSWORD, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment; state in .team-stack/.
+# MLFLOW_TRACKING_PASSWORD, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment; state (data, logs, the
+# stack's own secrets, mode 0600) in .team-stack/. stack-up after a crash restarts what is not running, on the same data.
 stack-up: $(STAMP)
 	$(BIN)/mlops-notebooks stack up
 
 stack-down: $(STAMP)
 	$(BIN)/mlops-notebooks stack down
+
+stack-destroy: $(STAMP)
+	$(BIN)/mlops-notebooks stack destroy
 
 remote: $(STAMP)
 	$(BIN)/mlops-notebooks remote

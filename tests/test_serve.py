@@ -4,6 +4,8 @@ the session's pipeline project and is stopped by its pid."""
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
 import signal
 import socket
@@ -18,7 +20,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-from conftest import BIN, project_env, run
+
+from conftest import BIN, dvc, project_env, run, set_params
 
 pytestmark = pytest.mark.slow  # `make test-all` (CI) runs it; `make test` does not
 
@@ -38,6 +41,7 @@ from mlops_notebooks.stages.schema import DataParams
 from mlops_notebooks.stages.train import TrainParams, feature_frame, fit_model, log_training_run
 from mlops_notebooks.core.settings import configure_mlflow, load_settings, project_root
 from mlops_notebooks.serving.serve import Champion
+
 root = project_root()
 configure_mlflow(load_settings(root), root)
 features = DataParams(**yaml.safe_load(open("params.yaml"))["data"])
@@ -365,7 +369,7 @@ def test_hot_swap_under_load_then_restart(service, project, tmp_path):
         expected = old_predictions if answer["model_version"] == 1 else new["predictions"]
         assert np.allclose(answer["predictions"], expected, rtol=1e-10), answer["model_version"]
     assert swapping.stop() == 0
-    assert "version 1 -> 2" in swapping.output()
+    assert re.search(r"version 1 \(run \w+\) -> 2 \(run \w+\)", swapping.output())
 
     logged = prediction_log(project)
     by_request = logged.groupby("request_id")["model_version"].agg(["min", "max", "size"])
@@ -408,7 +412,7 @@ def test_a_restart_starts_from_the_snapshot_and_follows_an_alias_moved_while_sto
             assert np.allclose(answer["predictions"], champion_predictions(project, 1, records), rtol=1e-10)
         finally:
             assert restarted.stop() == 0
-        assert "version 2 -> 1" in restarted.output()
+        assert re.search(r"version 2 \(run \w+\) -> 1 \(run \w+\)", restarted.output())
     finally:
         client.set_registered_model_alias(MODEL, "champion", "2")
 
@@ -444,3 +448,59 @@ def test_without_a_champion_the_service_says_so_and_exits(project, tmp_path):
     assert result.stderr.strip().splitlines()[-1] == ("error: no 'champion' version of model 'claims-cost' in the "
                                                        "registry: run `make pipeline` first")
     assert "Traceback" not in result.stderr
+
+
+def reset_registry(project: Path, max_iter: int) -> str:
+    """The registry reset: the registered model deleted (its numbers start again at 1), the pipeline run with other
+    params; return the run behind the new version 1."""
+    from mlflow import MlflowClient
+    store = f"sqlite:///{project}/mlflow.db"
+    MlflowClient(tracking_uri=store, registry_uri=store).delete_registered_model(MODEL)
+    set_params(project, {"train": {"max_iter": max_iter}})
+    dvc(project, "repro", "register")
+    version = MlflowClient(tracking_uri=store, registry_uri=store).get_model_version_by_alias(MODEL, "champion")
+    assert int(version.version) == 1, version
+    return version.run_id
+
+
+def test_a_reset_registry_is_served_by_a_running_and_a_restarted_service(repro_project, tmp_path_factory):
+    "After a reset, version 1 is another model: the service follows the registry's run, not the version number."
+    project = tmp_path_factory.mktemp("reset") / "project"
+    shutil.copytree(repro_project, project, symlinks=True)
+    (project / "predictions.db").unlink(missing_ok=True)
+    shutil.rmtree(project / ".serving", ignore_errors=True)
+    records = sample_records(project, 5)
+    running = Service(project, poll_seconds=0.5)
+    try:
+        first = requests.get(running.url + "/model", timeout=5).json()
+        assert first["version"] == 1
+        reset_run = reset_registry(project, max_iter=15)  # while the service runs
+        assert reset_run != first["run_id"]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and requests.get(running.url + "/model", timeout=5).json()["run_id"] != reset_run:
+            time.sleep(0.2)
+        answer = post(running.url, records).json()
+        assert answer["model_version"] == 1
+        assert np.allclose(answer["predictions"], champion_predictions(project, 1, records), rtol=1e-10)
+        first_reset_predictions = answer["predictions"]
+    finally:
+        assert running.stop() == 0
+    assert "(run " + reset_run + ")" in running.output()
+
+    second_reset_run = reset_registry(project, max_iter=25)  # while no service runs: the snapshot holds reset_run
+    restarted = Service(project, poll_seconds=30.0)  # the first registry check must not wait for a poll
+    try:
+        assert "version 1 (the last snapshot; asking the registry now)" in restarted.output()
+        deadline = time.monotonic() + 60
+        model = requests.get(restarted.url + "/model", timeout=5).json()
+        while time.monotonic() < deadline and not model["registry_confirmed"]:
+            time.sleep(0.2)
+            model = requests.get(restarted.url + "/model", timeout=5).json()
+        assert (model["version"], model["run_id"], model["registry_confirmed"]) == (1, second_reset_run, True), model
+        answer = post(restarted.url, records).json()
+        assert answer["model_version"] == 1
+        assert np.allclose(answer["predictions"], champion_predictions(project, 1, records), rtol=1e-10)
+        assert not np.allclose(answer["predictions"], first_reset_predictions), \
+            "the snapshot's model (the first reset's) would answer otherwise"
+    finally:
+        assert restarted.stop() == 0

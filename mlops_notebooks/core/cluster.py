@@ -6,30 +6,181 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from .artifacts import atomic_path
-from .settings import UserError
+from .artifacts import atomic_path, file_md5
+from .settings import ServiceUnreachable, UserError
 
 # %% auto #0
-__all__ = ['cluster_client', 'stream_parts', 'part_seed']
+__all__ = ['package_fingerprint', 'check_worker_code', 'WorkerWatch', 'cluster_client', 'ClusterFile', 'as_cluster_file',
+           'read_on_cluster', 'ClusterStorage', 'stream_parts', 'part_seed']
 
 # %% ../../nbs/core/07_cluster.ipynb #c005
+def package_fingerprint() -> str:
+    "This installation of `mlops_notebooks`: its version and a hash of its modules (what a worker must match)."
+    import mlops_notebooks
+    package = Path(mlops_notebooks.__file__).parent
+    digest = hashlib.sha256()
+    for module in sorted(package.rglob("*.py")):
+        digest.update(module.relative_to(package).as_posix().encode() + b"\0" + module.read_bytes())
+    return f"{mlops_notebooks.__version__}+{digest.hexdigest()[:12]}"
+
+def check_worker_code(client, address:str):
+    "Stop with one line when a worker of `client` cannot import this project's package or runs other code of it."
+    here = package_fingerprint()
+    try:
+        found = client.run(package_fingerprint)
+    except ImportError as error:  # the function travels by reference: a worker without the package cannot load it
+        raise UserError(f"settings.ini dask_scheduler: the Dask workers at {address} cannot import this project's "
+                        f"package ({error}); install mlops-notebooks {here.split('+')[0]} from this checkout on "
+                        "them (see docs/team-setup.md)") from None
+    other = sorted({fingerprint for fingerprint in found.values() if fingerprint != here})
+    if other:
+        raise UserError(f"settings.ini dask_scheduler: the Dask workers at {address} run other code of "
+                        f"mlops-notebooks ({', '.join(other)}) than this checkout ({here}); install this "
+                        "checkout's package on them (see docs/team-setup.md)")
+
+class WorkerWatch:
+    "Watches a client's scheduler for workers; closes the client when there has been none for `timeout` seconds."
+    def __init__(self, client, timeout:float, every:float=1.0):
+        self.client, self.timeout, self.every = client, timeout, every
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="dask-worker-watch", daemon=True)
+
+    def _workers(self) -> int:
+        try:
+            return len(self.client.scheduler_info(n_workers=-1)["workers"])
+        except Exception:  # the scheduler itself is gone: no worker either
+            return 0
+
+    def _watch(self):
+        last_seen = time.monotonic()
+        while not self._stop.wait(self.every):
+            if self._workers():
+                last_seen = time.monotonic()
+            elif time.monotonic() - last_seen > self.timeout:
+                self.lost = True
+                self.client.close(timeout=5)  # what the stage waits on ends with an error
+                return
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=10)
+
 @contextlib.contextmanager
-def cluster_client(address:str, # the scheduler, e.g. tcp://127.0.0.1:8786
-                   timeout:float=10.0):
-    "A `distributed.Client` connected to `address`, closed afterwards."
+def cluster_client(address:str,              # the scheduler, e.g. tls://127.0.0.1:8786
+                   timeout:float=10.0,       # seconds to connect
+                   worker_timeout:float=30.0, # seconds without a worker before the stage stops
+                  ):
+    "A `distributed.Client` connected to `address`, with a worker running this code; closed afterwards."
     from distributed import Client
     try:
         client = Client(address, timeout=timeout)
+    except TypeError as error:
+        if "ssl_context" not in str(error):
+            raise
+        raise UserError(f"settings.ini dask_scheduler: {address} needs Dask's TLS files in the environment "
+                        "(DASK_DISTRIBUTED__COMM__TLS__CA_FILE, DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT, "
+                        "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY; `make stack-up` prints them)") from None
     except (OSError, TimeoutError) as error:
-        raise UserError(f"settings.ini dask_scheduler: the Dask scheduler at {address} is unreachable "
-                        f"({type(error).__name__})") from None
+        raise ServiceUnreachable(f"settings.ini dask_scheduler: the Dask scheduler at {address} is unreachable "
+                                 f"({type(error).__name__}{': certificate refused' if 'SSL' in str(error) else ''})") from None
     try:
-        yield client
+        try:
+            client.wait_for_workers(1, timeout=worker_timeout)
+        except TimeoutError:
+            raise ServiceUnreachable(f"settings.ini dask_scheduler: no Dask worker has joined the scheduler at "
+                                     f"{address} within {worker_timeout:.0f} s") from None
+        check_worker_code(client, address)
+        with WorkerWatch(client, worker_timeout) as watch:
+            try:
+                yield client
+            except Exception:
+                if watch.lost:
+                    raise ServiceUnreachable(f"settings.ini dask_scheduler: the Dask cluster at {address} has had no "
+                                             f"worker for {worker_timeout:.0f} s (the workers or the scheduler "
+                                             "stopped); the stage stopped") from None
+                raise
     finally:
         client.close()
+
+# %% ../../nbs/core/07_cluster.ipynb #c008
+@dataclass(frozen=True)
+class ClusterFile:
+    "A stage's input as the cluster's workers read it."
+    url: str                          # a local path (a shared filesystem), or s3://bucket/prefix/<md5>/<name>
+    local: str                        # the file in this checkout (for messages and the existence check)
+    storage_options: dict|None = None # fsspec options for the URL (the S3 endpoint; never a key)
+
+def as_cluster_file(source:Path|str|ClusterFile) -> ClusterFile:
+    "A `ClusterFile`; a path is read where it is (a shared filesystem)."
+    return source if isinstance(source, ClusterFile) else ClusterFile(str(source), str(source))
+
+def read_on_cluster(source:ClusterFile, columns:list|None=None):
+    "The Parquet file `source` as a dask DataFrame, one partition per row group."
+    import dask.dataframe as dd
+    return dd.read_parquet(source.url, columns=columns, split_row_groups=True, storage_options=source.storage_options)
+
+@dataclass(frozen=True)
+class ClusterStorage:
+    "Where the cluster's workers read the stages' inputs: an S3 prefix, or (empty) the stage's own paths."
+    url: str = ""          # s3://bucket/prefix (settings.ini cluster_storage); '' = a shared filesystem
+    endpoint_url: str = "" # the S3-compatible endpoint (settings.ini s3_endpoint_url); '' = AWS
+
+    @classmethod
+    def from_settings(cls, settings) -> "ClusterStorage":
+        return cls(settings.cluster_storage, settings.s3_endpoint_url)
+
+    def file(self, path:Path|str) -> ClusterFile:
+        "The workers' view of the local file `path`: the file itself, or its copy under `url` (sent if missing)."
+        path = Path(path)
+        if not self.url or not path.exists():  # a missing input is the stage's to name (which stage writes it)
+            return ClusterFile(str(path), str(path))
+        if not self.url.startswith("s3://"):
+            raise UserError(f"settings.ini cluster_storage: {self.url!r} must be an s3://bucket/prefix URL (or empty)")
+        bucket, _, prefix = self.url[len("s3://"):].partition("/")
+        key = "/".join(part for part in [prefix.strip("/"), file_md5(path), path.name] if part)
+        _upload_once(path, bucket, key, self.endpoint_url)
+        options = {"client_kwargs": {"endpoint_url": self.endpoint_url}} if self.endpoint_url else {}
+        return ClusterFile(f"s3://{bucket}/{key}", str(path), options)
+
+def _upload_once(path:Path, bucket:str, key:str, endpoint_url:str):
+    "Upload `path` to s3://bucket/key unless an object is there; one clear error for what can go wrong."
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+    where = f"s3://{bucket}/{key}" + (f" at {endpoint_url}" if endpoint_url else "")
+    s3 = boto3.session.Session().client(  # a fresh session: credentials as the environment has them now
+        "s3", endpoint_url=endpoint_url or None,
+        config=Config(connect_timeout=5, retries={"max_attempts": 3, "mode": "standard"}))  # down: seconds, not minutes
+    try:
+        try:
+            s3.head_object(Bucket=bucket, Key=key)
+            return  # the same bytes (the key is their MD5) are already there
+        except ClientError as error:
+            if error.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                raise
+        s3.upload_file(str(path), bucket, key)
+    except EndpointConnectionError:
+        raise ServiceUnreachable(f"settings.ini s3_endpoint_url: the S3 store at {endpoint_url or 'AWS'} is "
+                                 f"unreachable (sending {path.name} for the Dask workers)") from None
+    except NoCredentialsError:
+        raise UserError(f"settings.ini cluster_storage: sending {path.name} to {where} needs AWS_ACCESS_KEY_ID and "
+                        "AWS_SECRET_ACCESS_KEY in the environment") from None
+    except (ClientError, BotoCoreError) as error:
+        raise UserError(f"settings.ini cluster_storage: cannot send {path.name} to {where}: "
+                        f"{str(error).splitlines()[0]}") from None
 
 # %% ../../nbs/core/07_cluster.ipynb #c010
 def stream_parts(client,               # a distributed.Client

@@ -481,7 +481,8 @@ class StageKernelEngine(_EngineFront):
     _which = 0
 
 # %% ../../nbs/core/04_engine.ipynb #c020
-USER_ERROR_NAMES = frozenset({"UserError", "ParamsError", "DataError", "ContractError", "UndeclaredRead"})
+USER_ERROR_NAMES = frozenset({"UserError", "ParamsError", "DataError", "ServiceUnreachable", "ContractError",
+                              "UndeclaredRead"})
 FAILED_REPORTS = "reports/failed"   # where a failed run's executed notebook is kept
 
 class OutputNotWritten(Exception):

@@ -5,17 +5,22 @@
 # %% ../../nbs/core/05_registry.ipynb #c003
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from .settings import DataError
+from .settings import DataError, ServiceUnreachable, UserError, describe_outage
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 TAG_VALUE_LIMIT = 5000  # MLflow's limit on a model version tag value
 
 # %% auto #0
-__all__ = ['CHAMPION', 'CHALLENGER', 'TAG_VALUE_LIMIT', 'find_version_of_run', 'version_by_alias', 'register_version',
-           'load_version_model', 'record_tags', 'lock_path_for']
+__all__ = ['CHAMPION', 'CHALLENGER', 'TAG_VALUE_LIMIT', 'TRAIN_RERUN', 'find_version_of_run', 'version_by_alias',
+           'register_version', 'load_version_model', 'read_train_run', 'record_tags', 'lock_path_for', 'lock_database',
+           'advisory_lock', 'gate_lock']
 
 # %% ../../nbs/core/05_registry.ipynb #c005
 def find_version_of_run(client, # an `mlflow.MlflowClient`
@@ -55,14 +60,46 @@ def register_version(client, # an `mlflow.MlflowClient`
     return version, True
 
 def load_version_model(name:str, version):
-    "Load a registered version's model (a scikit-learn `Pipeline`), with one clear error when its artifact is gone."
+    "Load a registered version's model (a scikit-learn `Pipeline`); one clear error naming the cause when it fails."
     import mlflow
     from mlflow.exceptions import MlflowException
     try:
         return mlflow.sklearn.load_model(f"models:/{name}/{version.version}")
     except (MlflowException, OSError) as error:
+        outage = describe_outage(error)
+        if outage is not None:  # the server is down: the artifact may be fine
+            raise ServiceUnreachable(f"{name} version {version.version}: cannot load its model: {outage}") from None
         raise DataError(f"{name} version {version.version}: cannot load its model artifact "
                         f"({version.source}): {str(error).splitlines()[0]}") from None
+
+# %% ../../nbs/core/05_registry.ipynb #c009b
+TRAIN_RERUN = "dvc repro --force --single-item train"  # --force: not from DVC's run cache, which holds the stale run
+
+def read_train_run(path:Path|str, # the train stage's `run` output (models/train_run.json)
+                   settings,      # the project's Settings: the tracking store to ask
+                  ) -> dict:
+    "The train stage's run record, once the tracking store confirms the run exists; a `UserError` saying what to re-run."
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlops_notebooks.core.settings import _store_lock, check_tracking_reachable
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path.name}: input not found; it is written by the 'train' stage (run `dvc repro train`)")
+    trained = json.loads(path.read_text())
+    check_tracking_reachable(settings.tracking_uri)
+    try:
+        with _store_lock(settings.tracking_uri):  # a fresh SQLite store creates its tables on first use
+            MlflowClient(tracking_uri=settings.tracking_uri).get_run(trained["run_id"])
+    except MlflowException as error:
+        outage = describe_outage(error)
+        if outage is not None:
+            raise ServiceUnreachable(outage) from None
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise UserError(f"{path.name} names MLflow run {trained['run_id']}, which the tracking store at "
+                        f"{settings.tracking_uri} does not have (reset, or the run deleted, since the train stage "
+                        f"ran): re-run training with `{TRAIN_RERUN}`, then `dvc repro`") from None
+    return trained
 
 # %% ../../nbs/core/05_registry.ipynb #c011
 def record_tags(record:dict) -> dict:
@@ -72,7 +109,75 @@ def record_tags(record:dict) -> dict:
             "decision.record": text if len(text) <= TAG_VALUE_LIMIT else text[:TAG_VALUE_LIMIT - 3] + "..."}
 
 def lock_path_for(tracking_uri:str, root:Path) -> str:
-    "Where the register lock lives: beside a SQLite store, else in the project root."
+    "Where a file lock for the gate lives: beside a SQLite store, else in the project root."
     if tracking_uri.startswith("sqlite:///"):
         return tracking_uri[len("sqlite:///"):] + ".register.lock"
     return str(Path(root) / ".register.lock")
+
+# %% ../../nbs/core/05_registry.ipynb #c014
+def lock_database(settings, root:Path) -> str|None:
+    "The PostgreSQL URL (libpq form) of the gate's shared lock, or None for a file lock."
+    uri = settings.registry_lock or (settings.tracking_uri if settings.tracking_uri.startswith("postgresql") else "")
+    if not uri:
+        return None
+    scheme, rest = uri.split("://", 1)
+    if scheme.split("+")[0] not in ("postgresql", "postgres"):
+        raise UserError(f"settings.ini registry_lock: {uri!r} is not a postgresql:// URL")
+    return "postgresql://" + rest  # libpq's form: no SQLAlchemy driver suffix
+
+def _lock_key(name:str) -> int:
+    "The advisory lock key (a signed 64-bit integer) of the gate of registered model `name`."
+    digest = hashlib.sha256(f"mlops-notebooks registry gate: {name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+def _shown(url:str) -> str:
+    "A database URL without any password in it, for messages."
+    parts = urlsplit(url)
+    return f"postgresql://{parts.hostname}:{parts.port or 5432}{parts.path}"
+
+@contextlib.contextmanager
+def advisory_lock(url:str, key:int, timeout:float=600.0, poll:float=0.25):
+    "Hold PostgreSQL advisory lock `key` in the database at `url` (libpq form) for the `with` block."
+    import psycopg2
+    try:
+        connection = psycopg2.connect(url, connect_timeout=5, application_name="mlops-notebooks registry gate")
+    except psycopg2.OperationalError as error:
+        raise ServiceUnreachable(f"settings.ini registry_lock: cannot reach the lock database {_shown(url)}: "
+                                 f"{str(error).strip().splitlines()[0]}") from None
+    connection.autocommit = True
+    try:
+        with connection.cursor() as cursor:
+            deadline = time.monotonic() + timeout
+            cursor.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+            while not cursor.fetchone()[0]:
+                if time.monotonic() > deadline:
+                    raise UserError(f"the registry gate's lock in {_shown(url)} was held by another register run "
+                                    f"for more than {timeout:.0f} s")
+                time.sleep(poll)
+                cursor.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+            yield
+            cursor.execute("SELECT pg_advisory_unlock(%s)", (key,))
+    finally:
+        connection.close()  # the server releases a session's advisory locks when it ends, whatever happened
+
+@contextlib.contextmanager
+def gate_lock(settings,        # the project's Settings
+              root:Path,       # the project root
+              timeout:float=600.0, # seconds to wait for another register run
+             ):
+    "The registry gate's lock: a PostgreSQL advisory lock shared by every clone, or a file lock in this checkout."
+    from filelock import FileLock, Timeout
+    database = lock_database(settings, root)
+    if database is not None:
+        with advisory_lock(database, _lock_key(settings.registered_model_name), timeout):
+            yield
+        return
+    if settings.tracking_uri.startswith(("http://", "https://")):
+        print(f"note: the registry gate's lock is a file in this checkout; register runs of other clones against "
+              f"{settings.tracking_uri} are not serialised with it (set registry_lock in settings.ini)")
+    try:
+        with FileLock(lock_path_for(settings.tracking_uri, root), timeout=timeout):
+            yield
+    except Timeout:
+        raise UserError(f"the registry gate's lock {lock_path_for(settings.tracking_uri, root)} was held by "
+                        f"another register run for more than {timeout:.0f} s") from None

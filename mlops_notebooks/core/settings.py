@@ -8,6 +8,7 @@ from __future__ import annotations
 import configparser
 import math
 import os
+import re
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import ClassVar
@@ -17,11 +18,19 @@ from pydantic import BaseModel, ValidationError
 # Nothing here may reach the internet at run time: MLflow 3 would otherwise send usage telemetry (and, with no
 # network, wait on it when a stage's process exits). A user who wants it can set the variable to false.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# A tracking server that stops answering must fail a stage in seconds, not after MLflow's default of 7 retries with
+# exponential back-off and a 120 s timeout each (minutes of silence): 2 retries, 1 s back-off, 8 s per request, so
+# an outage ends within ~30 s (see MLFLOW_RETRY_DEFAULTS below). Each can still be set in the environment.
+MLFLOW_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                         "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "8"}
+for _variable, _value in MLFLOW_RETRY_DEFAULTS.items():
+    os.environ.setdefault(_variable, _value)
 
 # %% auto #0
-__all__ = ['ENV_PREFIX', 'NUMBER_SETTINGS', 'TRACKING_SCHEMES', 'UserError', 'ParamsError', 'DataError', 'brief_user_errors',
-           'project_root', 'Settings', 'read_settings_file', 'parse_number', 'check_tracking_uri', 'load_settings',
-           'StageParams', 'section_model', 'parse_params', 'check_tracking_reachable', 'configure_mlflow']
+__all__ = ['MLFLOW_RETRY_DEFAULTS', 'ENV_PREFIX', 'NUMBER_SETTINGS', 'TRACKING_SCHEMES', 'UserError', 'ParamsError', 'DataError',
+           'ServiceUnreachable', 'describe_outage', 'brief_user_errors', 'project_root', 'Settings',
+           'read_settings_file', 'parse_number', 'check_tracking_uri', 'load_settings', 'StageParams', 'section_model',
+           'parse_params', 'check_tracking_reachable', 'configure_mlflow']
 
 # %% ../../nbs/core/00_settings.ipynb #c005
 class UserError(Exception):
@@ -33,9 +42,47 @@ class ParamsError(UserError):
 class DataError(UserError):
     "An input file is missing, unreadable, or its contents break the data contract."
 
+class ServiceUnreachable(UserError):
+    "A server the project uses (the MLflow tracking server, the Dask cluster, the S3 store) does not answer."
+
+# %% ../../nbs/core/00_settings.ipynb #c006a
+def _server(url:str) -> str:
+    "scheme://host:port of a URL."
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}" if parts.netloc else url
+
+def _why(text:str) -> str:
+    "What a connection error's text says happened, in a few words."
+    found = re.search(r"too many (\d+) error responses", text)
+    if found:
+        return f"it answered {found.group(1)} repeatedly"
+    for clue, reason in [("Connection refused", "connection refused"), ("timed out", "no answer in time"),
+                         ("Name or service not known", "unknown host"), ("RemoteDisconnected", "it hung up"),
+                         ("Connection reset", "connection reset")]:
+        if clue in text:
+            return reason
+    return "no answer"
+
+def describe_outage(error:BaseException) -> str|None:
+    "One line for an error that means a server did not answer (after MLflow's retries), or None for any other error."
+    text = str(error)
+    found = re.match(r"API request to (\S+) failed with exception (.*)", text, re.DOTALL)
+    if found:  # MLflow's REST client, once its retries are spent
+        return (f"the MLflow tracking server at {_server(found.group(1))} is unreachable ({_why(found.group(2))}, "
+                f"after {os.environ.get('MLFLOW_HTTP_REQUEST_MAX_RETRIES', '7')} retries): is it running? "
+                "(settings.ini tracking_uri / MLFLOW_TRACKING_URI)")
+    try:
+        import requests
+    except ImportError:
+        return None
+    if isinstance(error, (requests.ConnectionError, requests.Timeout)) and error.request is not None:
+        return f"the server at {_server(error.request.url)} is unreachable ({_why(text)})"
+    return None
+
 # %% ../../nbs/core/00_settings.ipynb #c007
 def brief_user_errors():
-    "In an IPython shell, show `UserError`s as one line `Kind: message` instead of a traceback."
+    "In an IPython shell, show `UserError`s and outages as one line `Kind: message` instead of a traceback."
     try:
         from IPython import get_ipython
     except ImportError:
@@ -44,10 +91,16 @@ def brief_user_errors():
     if shell is None:
         return
     def show_briefly(shell, error_type, error, traceback, tb_offset=None):
+        outage = None if isinstance(error, UserError) else describe_outage(error)
+        if outage is not None:
+            error_type, error = ServiceUnreachable, ServiceUnreachable(outage)
+        elif not isinstance(error, UserError):  # a bug: its whole traceback
+            shell.showtraceback((error_type, error, traceback), tb_offset=tb_offset)
+            return None
         lines = [f"{error_type.__name__}: {error}"]
         shell._showtraceback(error_type, error, lines)
         return lines
-    shell.set_custom_exc((UserError,), show_briefly)
+    shell.set_custom_exc((Exception,), show_briefly)
 
 # %% ../../nbs/core/00_settings.ipynb #c009
 def project_root(start:Path|str|None=None, # folder to start from; the current directory by default
@@ -74,7 +127,9 @@ class Settings:
     max_records_per_request: int = 10_000    # larger prediction requests are refused (413)
     dvc_remote: str = "dvc-storage"          # DVC remote: a folder (under the root) or s3://bucket/prefix
     s3_endpoint_url: str = ""                # S3-compatible endpoint of an s3:// remote; '' = AWS itself
-    dask_scheduler: str = ""                 # Dask scheduler (tcp://host:port); '' = pandas in process
+    dask_scheduler: str = ""                 # Dask scheduler (tls://host:port or tcp://); '' = pandas in process
+    cluster_storage: str = ""                # s3://bucket/prefix where Dask workers read stage data; '' = local paths
+    registry_lock: str = ""                  # postgresql://host:port/db for the gate's lock; '' = see `gate_lock`
 
 ENV_PREFIX = "MLOPS_"
 
@@ -221,8 +276,8 @@ def check_tracking_reachable(tracking_uri:str, timeout:float=5.0):
     try:
         requests.get(tracking_uri.rstrip("/") + "/health", timeout=timeout)
     except requests.RequestException as error:
-        raise UserError(f"settings.ini tracking_uri: the MLflow tracking server at {tracking_uri} is unreachable "
-                        f"({type(error).__name__})") from None
+        raise ServiceUnreachable(f"settings.ini tracking_uri: the MLflow tracking server at {tracking_uri} is "
+                                 f"unreachable ({type(error).__name__})") from None
 
 # %% ../../nbs/core/00_settings.ipynb #c021
 def _store_lock(tracking_uri:str):

@@ -5,6 +5,7 @@
 # %% ../../nbs/serving/00_serve.ipynb #c003
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import queue
@@ -37,8 +38,9 @@ __all__ = ['log', 'MAX_EXACT_INTEGER', 'PARALLEL_ROWS', 'LINEAGE_SUMMARY', 'SNAP
            'encoder_categories', 'record_validator', 'describe_errors', 'FastEncoding', 'booster_threads',
            'TreeliteTrees', 'CompiledTrees', 'c_compiler', 'compiled_library', 'compile_trees', 'treelite_trees',
            'Champion', 'probe_records', 'make_champion', 'champion_from_columns', 'lineage_summary', 'champion_version',
-           'load_champion', 'write_snapshot', 'read_snapshot', 'ChampionWatcher', 'PredictionLog', 'parse_records',
-           'create_app', 'registry_client', 'build_service', 'serve', 'score_frame', 'score_file']
+           'artifact_checksum', 'version_checksum', 'load_champion', 'write_snapshot', 'read_snapshot',
+           'ChampionWatcher', 'PredictionLog', 'parse_records', 'create_app', 'registry_client', 'build_service',
+           'serve', 'score_frame', 'score_file']
 
 # %% ../../nbs/serving/00_serve.ipynb #c005
 MAX_EXACT_INTEGER = 2**53
@@ -294,6 +296,7 @@ class Champion:
     lineage: dict = field(default_factory=dict)
     loaded_at: str = ""
     fast: FastEncoding | None = field(default=None, repr=False)  # set by `make_champion` when checked
+    checksum: str = ""                 # SHA-256 of the model's files as the registry holds them ('' = unknown)
 
     def frame(self, records:list[dict]) -> pd.DataFrame:
         "The model's input frame from validated records (None -> NaN)."
@@ -347,17 +350,18 @@ def probe_records(columns:list[InputColumn], rows:int=64, seed:int=0) -> list[di
         records.append(record)
     return records
 
-def make_champion(name:str, version:int, run_id:str, model, signature, lineage:dict|None=None) -> Champion:
+def make_champion(name:str, version:int, run_id:str, model, signature, lineage:dict|None=None,
+                  checksum:str="") -> Champion:
     "A `Champion` from a fitted pipeline and its signature; the contract's categories come from the model."
     return champion_from_columns(name, version, run_id, model, signature_columns(signature, encoder_categories(model)),
-                                 lineage)
+                                 lineage, checksum)
 
 def champion_from_columns(name:str, version:int, run_id:str, model, columns:list[InputColumn],
-                          lineage:dict|None=None) -> Champion:
+                          lineage:dict|None=None, checksum:str="") -> Champion:
     "A `Champion` from a fitted pipeline and its input contract, with the checked fast path when it has one."
     champion = Champion(name=name, version=int(version), run_id=run_id, model=model, columns=columns,
                         validator=record_validator(columns), lineage=lineage or {},
-                        loaded_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds"))
+                        loaded_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds"), checksum=checksum)
     fast = FastEncoding(model, columns)
     if fast.usable:
         probe = probe_records(columns)
@@ -385,23 +389,54 @@ def champion_version(client, name:str, alias:str="champion"):
     from mlops_notebooks.core.registry import version_by_alias
     return version_by_alias(client, name, alias)
 
-def load_champion(client, name:str, version) -> Champion:
-    "Load a registered version (an MLflow `ModelVersion`) as a `Champion`."
+def artifact_checksum(folder:Path|str) -> str:
+    "SHA-256 of a model's files (their paths and bytes): what identifies the model, whatever its version number."
+    digest = hashlib.sha256()
+    for path in sorted(item for item in Path(folder).rglob("*") if item.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+def _download(name:str, version, folder:Path|str) -> Path:
+    "Download a registered version's model files into `folder`; return where they are."
     import mlflow
     from mlflow.exceptions import MlflowException
-    from mlflow.models import Model
+    from mlops_notebooks.core.settings import ServiceUnreachable, describe_outage
     try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}")
-        model = mlflow.sklearn.load_model(local)
-        signature = Model.load(local).signature
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}",
+                                                        dst_path=str(folder)))
     except (MlflowException, OSError) as error:
+        outage = describe_outage(error)
+        if outage is not None:
+            raise ServiceUnreachable(f"{name} version {version.version}: cannot load its model: {outage}") from None
         raise DataError(f"{name} version {version.version}: cannot load its model ({version.source}): "
                         f"{str(error).splitlines()[0]}") from None
+
+def version_checksum(client, name:str, version) -> str:
+    "The `artifact_checksum` of a registered version's model, as the registry holds it now."
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="champion-") as folder:
+        return artifact_checksum(_download(name, version, folder))
+
+def load_champion(client, name:str, version) -> Champion:
+    "Load a registered version (an MLflow `ModelVersion`) as a `Champion`."
+    import mlflow, tempfile
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+    with tempfile.TemporaryDirectory(prefix="champion-") as folder:
+        local = _download(name, version, folder)
+        try:
+            model = mlflow.sklearn.load_model(str(local))
+            signature = Model.load(str(local)).signature
+        except (MlflowException, OSError) as error:
+            raise DataError(f"{name} version {version.version}: cannot load its model ({version.source}): "
+                            f"{str(error).splitlines()[0]}") from None
+        checksum = artifact_checksum(local)
     if signature is None:
         raise DataError(f"{name} version {version.version}: the model has no signature, so requests cannot be checked")
-    return make_champion(name, version.version, version.run_id, model, signature, lineage_summary(version.tags))
+    return make_champion(name, version.version, version.run_id, model, signature, lineage_summary(version.tags),
+                         checksum)
 
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2  # 2: with the model's checksum (a format-1 snapshot is not trusted: the service loads from the registry)
 
 def write_snapshot(champion:Champion, path:Path|str, registry:str):
     "Keep the champion just loaded from `registry` (a tracking URI) on local disk, for the next start."
@@ -412,8 +447,8 @@ def write_snapshot(champion:Champion, path:Path|str, registry:str):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     kept = {"format": SNAPSHOT_FORMAT, "registry": registry, "sklearn": sklearn.__version__, "name": champion.name,
-            "version": champion.version, "run_id": champion.run_id, "model": champion.model,
-            "columns": champion.columns, "lineage": champion.lineage}
+            "version": champion.version, "run_id": champion.run_id, "checksum": champion.checksum,
+            "model": champion.model, "columns": champion.columns, "lineage": champion.lineage}
     with atomic_path(path) as temporary:
         temporary.write_bytes(pickle.dumps(kept, protocol=pickle.HIGHEST_PROTOCOL))
 
@@ -434,19 +469,21 @@ def read_snapshot(path:Path|str, registry:str, name:str) -> Champion|None:
             SNAPSHOT_FORMAT, registry, name, sklearn.__version__):
         return None  # another registry, model or scikit-learn version: its pickle is not this service's to trust
     return champion_from_columns(kept["name"], kept["version"], kept["run_id"], kept["model"], kept["columns"],
-                                 kept["lineage"])
+                                 kept["lineage"], kept["checksum"])
 
 class ChampionWatcher:
-    "Holds the serving `Champion` and swaps it for the new one when the registry's alias moves."
+    "Holds the serving `Champion` and swaps it for the registry's when the alias moves or points at another model."
     def __init__(self, client, name:str, poll_seconds:float, alias:str="champion",
                  loader=None,   # loads a version as a Champion: `load_champion` by default
                  snapshot=None, # (path, registry URI): keep each loaded champion there for a fast restart
+                 checksum=None, # a version's model checksum, as the registry holds it: `version_checksum` by default
                 ):
         self._client, self.name, self.alias, self.poll_seconds = client, name, alias, poll_seconds
         self.loader = loader or load_champion
+        self.checksum = checksum or version_checksum
         self.snapshot = snapshot
         self.current: Champion | None = None
-        self.confirmed = False  # True once the registry has been asked where the alias points
+        self.confirmed = False  # True once the registry has said the serving champion is its alias's model
         self.compiling: threading.Thread | None = None  # compiling the latest champion's trees
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="champion-watcher", daemon=True)
@@ -479,19 +516,31 @@ class ChampionWatcher:
             self._compile_later(kept)  # compiled before: only loading the library
         return kept is not None
 
+    def serves(self, version) -> bool:
+        "Whether the serving champion is this registered version: the same number, run and (for a snapshot) model files."
+        # A registry reset gives version numbers to other runs; a snapshot must also match the registry's files.
+        if (int(version.version), version.run_id) != (self.current.version, self.current.run_id):
+            return False
+        return self.confirmed or self.checksum(self.client, self.name, version) == self.current.checksum
+
     def check_once(self) -> bool:
-        "Swap in the alias's version if it changed; True when a swap happened."
+        "Swap in the alias's model if it is not the one serving; True when a swap happened."
         version = champion_version(self.client, self.name, self.alias)
-        if version is None and not self.confirmed:  # a restart from the snapshot, and the alias is gone since
-            log.warning("the registry has no '%s' version of %s any more; serving version %s until it has one",
-                        self.alias, self.name, self.current.version)
-        self.confirmed = True
-        if version is None or int(version.version) == self.current.version:
+        if version is None:
+            if not self.confirmed:  # a restart from the snapshot, and the alias is gone since
+                log.warning("the registry has no '%s' version of %s any more; serving version %s until it has one",
+                            self.alias, self.name, self.current.version)
+            self.confirmed = True
+            return False
+        if self.serves(version):
+            self.confirmed = True
             return False
         candidate = self.loader(self.client, self.name, version)
         candidate.predict(_example_records(candidate))   # warm up (and fail here, not in a request)
         previous, self.current = self.current, candidate  # the swap: one reference, rebound atomically
-        log.warning("champion %s: version %s -> %s", self.name, previous.version, candidate.version)
+        self.confirmed = True
+        log.warning("champion %s: version %s (run %s) -> %s (run %s)", self.name, previous.version,
+                    previous.run_id, candidate.version, candidate.run_id)
         self._keep(candidate)
         return True
 

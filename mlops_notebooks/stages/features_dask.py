@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..core.cluster import stream_parts
+from ..core.cluster import ClusterFile, as_cluster_file, read_on_cluster, stream_parts
 from ..core.settings import DataError, ParamsError
 from .features import FeaturesParams, select_features
 from .schema import DataParams
@@ -51,17 +51,17 @@ def split_partition(part:pd.DataFrame, # one partition of the validated claims
     return selected[is_train].reset_index(drop=True), selected[is_test].reset_index(drop=True)
 
 def features_on_cluster(client,               # a distributed.Client
-                        claims_path:Path|str, # the validated claims (Parquet)
+                        claims_path:Path|str|ClusterFile, # the validated claims (Parquet), or where the workers read them
                         data:DataParams, params:FeaturesParams,
                         train_path:Path|str, test_path:Path|str,
                        ) -> dict:
     "The features stage on the cluster: split and write train/test; return their row counts (and per period)."
     import dask
-    import dask.dataframe as dd
-    if not Path(claims_path).exists():
-        raise DataError(f"{claims_path}: input not found; it is written by the 'validate' stage (run `dvc repro validate`)")
-    claims = dd.read_parquet(str(claims_path), split_row_groups=True)
-    plan = (split_plan(dd.read_parquet(str(claims_path), columns=[data.period])[data.period].unique().compute(),
+    claims_file = as_cluster_file(claims_path)
+    if not Path(claims_file.local).exists():
+        raise DataError(f"{claims_file.local}: input not found; it is written by the 'validate' stage (run `dvc repro validate`)")
+    claims = read_on_cluster(claims_file)
+    plan = (split_plan(read_on_cluster(claims_file, columns=[data.period])[data.period].unique().compute(),
                        data, params) if params.split == "time" else split_plan(pd.Series(dtype=object), data, params))
     split = dask.delayed(split_partition, nout=2)
     parts = [split(partition, number, data, params, plan) for number, partition in enumerate(claims.to_delayed())]

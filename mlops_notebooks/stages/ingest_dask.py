@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..core.cluster import part_seed, stream_parts
+from ..core.cluster import ClusterStorage, part_seed, read_on_cluster, stream_parts
 from ..core.settings import DataError
 from .generator import generate_claims
 from .ingest import IngestParams, append_incoming, ingest_claims
@@ -24,16 +24,17 @@ def ingest_on_cluster(client,            # a distributed.Client
                       target:Path|str,   # where the raw claims go
                       incoming:Path|None=None, # the folder of labelled batches to append; None = none
                       partition_rows:int=1_000_000, # generated claims per part
+                      storage:ClusterStorage|None=None, # where the workers read a Parquet source; None: where it is
                      ) -> int:
     "The ingest stage on the cluster: generate or read the claims a part at a time into `target`; return the rows."
     import dask
-    import dask.dataframe as dd
     if data.source.lower().endswith((".parquet", ".pq")) and not data.join.source:
         path = root / data.source
         if not path.exists():
             raise DataError(f"{data.source}: file not found (data.source)")
+        source = (storage or ClusterStorage()).file(path)
         parts = [dask.delayed(lambda frame: (derive_columns(frame, data, data.source),))(part)
-                 for part in dd.read_parquet(str(path), split_row_groups=True).to_delayed()]
+                 for part in read_on_cluster(source).to_delayed()]
     elif not data.source:
         generate = dask.delayed(lambda *args: (derive_columns(generate_claims(*args), data, "the generator"),))
         parts = [generate(min(partition_rows, params.n_claims - first), params.start_month, params.n_months,

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -24,7 +25,7 @@ from .schema import DataParams
 
 # %% auto #0
 __all__ = ['MODEL_ARTIFACT_NAME', 'TrainParams', 'build_booster', 'check_levels', 'build_model', 'feature_frame', 'sample_weight',
-           'fit_model', 'model_requirements', 'log_training_run']
+           'fit_model', 'TrainingSummary', 'gap_rows', 'summarize_training', 'model_requirements', 'log_training_run']
 
 # %% ../../nbs/stages/04_train.ipynb #c004
 class TrainParams(StageParams):
@@ -118,6 +119,31 @@ def fit_model(train:pd.DataFrame, data:DataParams, params:TrainParams) -> Pipeli
     model = build_model(data, params, levels)
     return model.fit(feature_frame(train, data), train[data.model_target],
                      model__sample_weight=sample_weight(train, data))
+
+# %% ../../nbs/stages/04_train.ipynb #c008t
+@dataclass(frozen=True)
+class TrainingSummary:
+    "What the train stage records about its training rows, wherever they were fitted."
+    rows: int                 # training rows
+    mean_target: float        # their mean model target, weighted by the declared weight
+    first_period: object      # the first and last period (None without a period column)
+    last_period: object
+    inputs: pd.DataFrame      # model input columns: the first rows, and a row with a gap for each column that has one
+
+def gap_rows(inputs:pd.DataFrame) -> pd.DataFrame:
+    "The first row with a missing value of each column that has one."
+    return pd.concat([inputs[inputs[column].isna()].head(1) for column in inputs.columns if inputs[column].isna().any()]
+                     or [inputs.iloc[:0]])
+
+def summarize_training(training:pd.DataFrame, data:DataParams) -> TrainingSummary:
+    "The summary of the training rows the run records."
+    inputs = feature_frame(training, data)
+    periods = training[data.period] if data.period else None
+    return TrainingSummary(
+        rows=len(training),
+        mean_target=float(np.average(training[data.model_target], weights=sample_weight(training, data))),
+        first_period=None if periods is None else periods.min(), last_period=None if periods is None else periods.max(),
+        inputs=pd.concat([inputs.head(5), gap_rows(inputs)]))
 
 # %% ../../nbs/stages/04_train.ipynb #c010
 MODEL_ARTIFACT_NAME = "model"

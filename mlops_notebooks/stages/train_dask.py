@@ -11,12 +11,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..core.cluster import ClusterFile, as_cluster_file, read_on_cluster
 from ..core.settings import DataError, ParamsError
 from .schema import DataParams
-from .train import TrainParams, build_booster, build_model, check_levels
+from .train import (TrainParams, TrainingSummary, build_booster, build_model, check_levels,
+                                          feature_frame, gap_rows)
 
 # %% auto #0
-__all__ = ['encoder_sample', 'fit_encoder', 'fit_on_cluster']
+__all__ = ['encoder_sample', 'fit_encoder', 'fit_on_cluster', 'summarize_on_cluster']
 
 # %% ../../nbs/stages/dask/04_train.ipynb #c024
 def encoder_sample(counts:pd.Series, params) -> np.ndarray:
@@ -43,22 +45,27 @@ def fit_encoder(train, data:DataParams, params):
         sample[column] = 0.0
     return build_model(data, params).named_steps["encode"].fit(sample[data.features])
 
+def _training_rows(train_path:Path|str|ClusterFile):
+    "The training split as a dask DataFrame; one clear error when it is missing or empty."
+    source = as_cluster_file(train_path)
+    if not Path(source.local).exists():
+        raise DataError(f"{source.local}: input not found; it is written by the 'features' stage (run `dvc repro features`)")
+    train = read_on_cluster(source)
+    if len(train.columns) == 0 or train.npartitions == 0:
+        raise DataError(f"{source.local}: the training set is empty")
+    return train
+
 def fit_on_cluster(client,                # a distributed.Client
-                   train_path:Path|str,   # the training split (Parquet)
+                   train_path:Path|str|ClusterFile, # the training split (Parquet), or where the workers read it
                    data:DataParams,
                    params,                # TrainParams with estimator: xgboost
                   ):
     "The training pipeline fitted with XGBoost on the cluster: the same `Pipeline` as `fit_model` makes."
-    import dask.dataframe as dd
     from sklearn.pipeline import Pipeline
     from xgboost import dask as dxgb
     if params.estimator != "xgboost":
         raise ParamsError("params.yaml: train.estimator must be xgboost to train on the Dask cluster")
-    if not Path(train_path).exists():
-        raise DataError(f"{train_path}: input not found; it is written by the 'features' stage (run `dvc repro features`)")
-    train = dd.read_parquet(str(train_path), split_row_groups=True)
-    if len(train.columns) == 0 or train.npartitions == 0:
-        raise DataError(f"{train_path}: the training set is empty")
+    train = _training_rows(train_path)
     encode = fit_encoder(train, data, params)
     names = list(encode.get_feature_names_out())
     encoded = train[data.features].map_partitions(
@@ -75,3 +82,27 @@ def fit_on_cluster(client,                # a distributed.Client
         distributed_model.save_model(saved)
         plain.load_model(saved)
     return Pipeline([("encode", encode), ("model", plain)])
+
+# %% ../../nbs/stages/dask/04_train.ipynb #c028
+def summarize_on_cluster(train_path:Path|str|ClusterFile, # the training split, or where the workers read it
+                         data:DataParams) -> TrainingSummary:
+    "The `TrainingSummary` of the training split, computed on the cluster (the table never comes to this process)."
+    import dask
+    train = _training_rows(train_path)
+    target = train[data.model_target]
+    weight = train[data.weight] if data.weight else None
+    totals = {"rows": train.map_partitions(len).sum(),
+              "weighted": (target * weight).sum() if weight is not None else target.sum(),
+              "weights": weight.sum() if weight is not None else target.count()}
+    if data.period:
+        totals.update(first=train[data.period].min(), last=train[data.period].max())
+    inputs = train[data.features]
+    gaps = inputs.map_partitions(gap_rows, meta=inputs._meta)
+    totals, head, gaps = dask.compute(totals, inputs.head(5, compute=False), gaps)
+    sample = pd.concat([head, gap_rows(gaps)])
+    # Dask reads text as pandas' nullable string type; the in-process table has pandas' default: the same signature
+    as_pandas = {column: "str" for column, kind in sample.dtypes.items()
+                 if isinstance(kind, pd.StringDtype) and kind.na_value is pd.NA}
+    return TrainingSummary(rows=int(totals["rows"]), mean_target=float(totals["weighted"] / totals["weights"]),
+                           first_period=totals.get("first"), last_period=totals.get("last"),
+                           inputs=sample.astype(as_pandas))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..core.cluster import stream_parts
+from ..core.cluster import ClusterFile, as_cluster_file, read_on_cluster, stream_parts
 from ..core.settings import DataError
 from .schema import DataParams, period_unit_of
 from .validate import ValidateParams, check_claims, check_roles
@@ -27,14 +27,16 @@ def check_partition(part:pd.DataFrame, data:DataParams, params, duplicated:set, 
     quarantine = quarantine.astype({column: str for column in quarantine.columns if quarantine[column].dtype == object})
     return clean.reset_index(drop=True), quarantine.reset_index(drop=True)
 
-def validate_on_cluster(client, raw_path:Path|str, data:DataParams, params,
+def validate_on_cluster(client,
+                        raw:Path|str|ClusterFile, # the raw claims: a path, or where the workers read them
+                        data:DataParams, params,
                         clean_path:Path|str, quarantine_path:Path|str, source:str) -> dict:
     "The validate stage on the cluster: write clean and quarantined claims; return the summary `validate_stage` writes."
     import dask
-    import dask.dataframe as dd
-    if not Path(raw_path).exists():
-        raise DataError(f"{raw_path}: input not found; it is written by the 'ingest' stage (run `dvc repro ingest`)")
-    raw = dd.read_parquet(str(raw_path), split_row_groups=True)
+    raw_file = as_cluster_file(raw)
+    if not Path(raw_file.local).exists():
+        raise DataError(f"{raw_file.local}: input not found; it is written by the 'ingest' stage (run `dvc repro ingest`)")
+    raw = read_on_cluster(raw_file)
     check_roles(raw._meta, data, params, source)
     rows_in = int(raw.map_partitions(len).sum().compute())
     if rows_in < params.min_rows:
