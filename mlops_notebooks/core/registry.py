@@ -5,17 +5,15 @@
 # %% ../../nbs/core/05_registry.ipynb #c003
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .settings import DataError
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-TAG_VALUE_LIMIT = 5000  # MLflow's limit on a model version tag value
 
 # %% auto #0
-__all__ = ['CHAMPION', 'CHALLENGER', 'TAG_VALUE_LIMIT', 'find_version_of_run', 'version_by_alias', 'register_version',
-           'load_version_model', 'record_tags', 'lock_path_for']
+__all__ = ['CHAMPION', 'CHALLENGER', 'find_version_of_run', 'version_by_alias', 'register_version', 'load_version_model',
+           'lock_path_for']
 
 # %% ../../nbs/core/05_registry.ipynb #c005
 def find_version_of_run(client, # an `mlflow.MlflowClient`
@@ -65,12 +63,6 @@ def load_version_model(name:str, version):
                         f"({version.source}): {str(error).splitlines()[0]}") from None
 
 # %% ../../nbs/core/05_registry.ipynb #c011
-def record_tags(record:dict) -> dict:
-    "The decision record as model version tags (the full record as JSON, cut to MLflow's limit)."
-    text = json.dumps(record, sort_keys=True, default=str)
-    return {"decision.outcome": record["outcome"], "decision.time": record["time"],
-            "decision.record": text if len(text) <= TAG_VALUE_LIMIT else text[:TAG_VALUE_LIMIT - 3] + "..."}
-
 def lock_path_for(tracking_uri:str, root:Path) -> str:
     "Where the register lock lives: beside a SQLite store, else in the project root."
     if tracking_uri.startswith("sqlite:///"):
