@@ -9,6 +9,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -50,7 +51,9 @@ def dataset_input(frame:pd.DataFrame, # the table as the stage read it
     "An MLflow `DatasetInput`: the table's path, DVC hash, schema and size, with its role as the context tag."
     from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.models import infer_signature
-    schema = infer_signature(frame.head(100)).inputs
+    with warnings.catch_warnings():  # MLflow's hint on integer columns with gaps is for model signatures, not this
+        warnings.simplefilter("ignore")
+        schema = infer_signature(frame.head(100)).inputs
     dataset = Dataset(name=name or Path(path).stem, digest=md5, source_type="dvc",
                       source=json.dumps({"path": path, "md5": md5}),
                       schema=json.dumps({"mlflow_colspec": schema.to_dict()}),
@@ -142,11 +145,16 @@ def publish_decision(client, # an `mlflow.MlflowClient`
     client.update_model_version(name, version.version, description=description)
     return uri
 
-def read_decision(tags:dict) -> dict|str|None:
+def read_decision(tags:dict, # a model version's tags
+                  client=None, # the `mlflow.MlflowClient` of its store (default: the configured tracking URI)
+                 ) -> dict|str|None:
     "The decision record a version's tags point at (`decision.artifact`), or an older version's inline record."
     if "decision.artifact" in tags:
-        from mlflow.artifacts import load_dict
-        return load_dict(tags["decision.artifact"])
+        import tempfile
+        from mlflow import MlflowClient
+        run_id, _, path = tags["decision.artifact"].removeprefix("runs:/").partition("/")
+        with tempfile.TemporaryDirectory() as folder:
+            return json.loads(Path((client or MlflowClient()).download_artifacts(run_id, path, folder)).read_text())
     record = tags.get("decision.record")
     return json.loads(record) if record and record.endswith("}") else record
 

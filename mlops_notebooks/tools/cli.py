@@ -67,7 +67,7 @@ def lineage_report(client, version, run_id:str) -> dict:
     data = {key[len("data."):]: lineage.pop(key) for key in list(lineage) if key.startswith("data.")}
     params = {key[len("params."):]: lineage.pop(key) for key in list(lineage) if key.startswith("params.")}
     from mlops_notebooks.core.tracking import read_decision
-    decision = read_decision(tags)  # the JSON artifact the version's `decision.artifact` tag names
+    decision = read_decision(tags, client)  # the JSON artifact the version's `decision.artifact` tag names
     report = {
         "model": None if version is None else version.name,
         "version": None if version is None else int(version.version),
