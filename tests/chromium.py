@@ -27,21 +27,23 @@ BROKEN_IMAGES_JS = """Array.from(document.images)
 
 
 # What a reader sees of the page's content (MkDocs Material's article): code blocks that scroll sideways (their text is
-# wider than their box), tables that reach past the content column (unless a frame inside it scrolls them), and the
-# outputs on show — the builder's `docs-output` frames and the images — that have a size (not in a collapsed block).
+# wider than their box), tables that show past the content column (a table in frames that scroll sideways shows only
+# as far as the narrowest frame), and the outputs on show — the builder's `docs-output` frames and the images — that
+# have a size (not in a collapsed block).
 LAYOUT_JS = """(() => {
   const content = document.querySelector('.md-content__inner') || document.body;
-  const right = content.getBoundingClientRect().right + 1;
+  const column = (document.querySelector('.md-content') || document.body).getBoundingClientRect().right + 1;
   const shown = element => element.getClientRects().length > 0 && element.offsetWidth > 0 && element.offsetHeight > 0;
   const wideCode = Array.from(content.querySelectorAll('pre > code'))
     .filter(code => shown(code) && code.scrollWidth > code.clientWidth + 1)
     .map(code => code.textContent.trim().split('\\n')[0].slice(0, 80));
-  const scrolls = element => ['auto', 'scroll', 'hidden'].includes(getComputedStyle(element).overflowX);
+  const clips = element => ['auto', 'scroll', 'hidden', 'clip'].includes(getComputedStyle(element).overflowX);
   const spillingTables = Array.from(content.querySelectorAll('table')).filter(table => {
-    if (!shown(table) || table.getBoundingClientRect().right <= right) return false;
+    if (!shown(table)) return false;
+    let visibleRight = table.getBoundingClientRect().right;
     for (let frame = table.parentElement; frame && frame !== content; frame = frame.parentElement)
-      if (scrolls(frame)) return frame.getBoundingClientRect().right > right;
-    return true;
+      if (clips(frame)) visibleRight = Math.min(visibleRight, frame.getBoundingClientRect().right);
+    return visibleRight > column;
   }).map(table => (table.querySelector('th, td') || table).textContent.trim().slice(0, 60));
   const outputs = Array.from(content.querySelectorAll('.docs-output')).filter(shown).length;
   const images = Array.from(content.querySelectorAll('img')).filter(image => shown(image) && image.naturalWidth > 0).length;

@@ -233,7 +233,7 @@ def test_checkers_catch_a_broken_page(site, browser, tmp_path):
                    '<img src="http://127.0.0.2:9/elsewhere.png">'
                    "<script>console.error('injected error'); undefinedFunction();</script></body>").replace(
         "</article>", '<pre><code style="white-space: pre">' + "a_very_long_line = 1; " * 40 + "</code></pre>"
-                      '<table style="width: 3000px"><tr><td>spilling table</td></tr></table></article>'),
+                      '<table class="injected" style="width: 3000px"><tr><td>spilling table</td></tr></table></article>'),
         encoding="utf-8")
     assert sorted(broken_links(broken)) == ["index.html -> missing.png", "index.html -> nowhere.html"]
     with serve(broken) as base:

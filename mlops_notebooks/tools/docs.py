@@ -583,6 +583,13 @@ def card_statements(root:Path) -> dict:
     unknown = sorted(set(statements) - CARD_KEYS)
     if unknown:
         raise UserError(f"{CARD_STATEMENTS}: unknown key {unknown[0]!r} (known: {', '.join(sorted(CARD_KEYS))})")
+    for key, value in statements.items():
+        items = value if isinstance(value, list) else [value]
+        for index, item in enumerate(items):
+            if not isinstance(item, str):
+                where = f"{key}[{index}]" if isinstance(value, list) else key
+                raise UserError(f"{CARD_STATEMENTS}: {where} must be text, got {type(item).__name__} "
+                                "(quote text that holds ': ')")
     return statements
 
 # %% ../../nbs/tools/02_docs.ipynb #c025b
