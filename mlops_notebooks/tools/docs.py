@@ -44,20 +44,21 @@ from ..core.settings import UserError, configure_mlflow, load_settings
 from ..core.tracking import decision_reason
 
 # %% auto #0
-__all__ = ['EXPORT_DIRECTIVES', 'CELL_KEYS', 'CACHE', 'EMPTY_VALUES', 'REMOVE_CELL', 'REMOVE_INPUT', 'REMOVE_OUTPUT',
-           'IMAGE_TYPES', 'LINKED_FILES', 'PIPELINE_CELL', 'NO_REPORTS', 'CARD_STATEMENTS', 'CARD_KEYS', 'BOX_WIDTH',
-           'BOX_HEIGHT', 'STEP', 'BOX_STYLES', 'SVG_STYLE', 'STAGING', 'SITE', 'GUIDES', 'API_SECTIONS', 'SITE_CSS',
-           'field_comments', 'constraint_text', 'field_table', 'unannotated_none', 'without_none_type',
-           'argument_table', 'ArgTableRenderer', 'exported_module', 'project_config', 'skipped_in_docs', 'run_examples',
-           'api_processors', 'report_processors', 'process_notebook', 'library_fingerprint', 'processed_api_notebook',
-           'api_notebooks', 'format_number', 'format_cell', 'dataframe_table', 'QuartoOptions', 'front_matter',
-           'output_markdown', 'notebook_markdown', 'retarget_links', 'write_page', 'stage_sections', 'report_intro',
-           'report_view', 'json_table', 'reports_overview', 'card_statements', 'actual_to_expected',
-           'calibration_table', 'markdown_table', 'champion_calibration', 'decision_markdown', 'card_markdown',
-           'shown_uri', 'champion_report', 'pipeline_layout', 'pipeline_svg', 'PipelineDiagram', 'pipeline_picture',
-           'latest_run', 'command_helps', 'cli_reference', 'broken_links', 'relative_not_found_page',
-           'library_notebooks', 'api_pages', 'links_from', 'source_link', 'build_api_pages', 'exported_module_name',
-           'build_report_pages', 'build_model_card', 'home_links', 'build_site', 'main']
+__all__ = ['CHECKS', 'SHOWING_CALLS', 'EXPORT_DIRECTIVES', 'CELL_KEYS', 'CACHE', 'EMPTY_VALUES', 'REMOVE_CELL', 'REMOVE_INPUT',
+           'REMOVE_OUTPUT', 'IMAGE_TYPES', 'LINKED_FILES', 'PIPELINE_CELL', 'NO_REPORTS', 'CARD_STATEMENTS',
+           'CARD_KEYS', 'BOX_WIDTH', 'BOX_HEIGHT', 'STEP', 'BOX_STYLES', 'SVG_STYLE', 'STAGING', 'SITE', 'GUIDES',
+           'API_SECTIONS', 'SITE_CSS', 'field_comments', 'constraint_text', 'field_table', 'unannotated_none',
+           'without_none_type', 'argument_table', 'ArgTableRenderer', 'shows_output', 'exported_module',
+           'project_config', 'skipped_in_docs', 'calls_show_doc', 'run_examples', 'api_processors', 'report_processors',
+           'process_notebook', 'library_fingerprint', 'processed_api_notebook', 'api_notebooks', 'format_number',
+           'format_cell', 'dataframe_table', 'QuartoOptions', 'front_matter', 'output_markdown', 'notebook_markdown',
+           'retarget_links', 'write_page', 'stage_sections', 'report_intro', 'report_view', 'json_table',
+           'reports_overview', 'card_statements', 'actual_to_expected', 'calibration_table', 'markdown_table',
+           'champion_calibration', 'decision_markdown', 'card_markdown', 'shown_uri', 'champion_report',
+           'pipeline_layout', 'pipeline_svg', 'PipelineDiagram', 'pipeline_picture', 'latest_run', 'command_helps',
+           'cli_reference', 'broken_links', 'relative_not_found_page', 'library_notebooks', 'api_pages', 'links_from',
+           'source_link', 'build_api_pages', 'exported_module_name', 'build_report_pages', 'build_model_card',
+           'home_links', 'build_site', 'main']
 
 # %% ../../nbs/tools/02_docs.ipynb #c005
 def field_comments(model:type) -> dict:
@@ -132,6 +133,28 @@ class ArgTableRenderer(BasicMarkdownRenderer):
         signature = without_none_type(super()._repr_markdown_(), unannotated_none(self.sym))
         return signature + (f"\n\n{table}" if table else "")
 
+# %% ../../nbs/tools/02_docs.ipynb #c008a
+CHECKS = {"test_eq", "test_ne", "test_fail", "test_close", "test_is", "test_shuffled", "test_stdout", "test_warns",
+          "test_eq_type"}
+SHOWING_CALLS = {"print", "display", "plot", "imshow", "hist", "bar", "barh", "scatter", "show"}
+
+def shows_output(source:str) -> bool:
+    "Whether a code cell shows something when run: a last value that is not a check, or a print, display or plot."
+    try:
+        tree = ast.parse("\n".join(line for line in source.splitlines() if not line.startswith("#|")))
+    except SyntaxError:
+        return True  # IPython syntax (a magic): run it to see
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = getattr(node.func, "id", None) or getattr(node.func, "attr", "")
+            if name in SHOWING_CALLS:
+                return True
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        value = tree.body[-1].value
+        return not (isinstance(value, ast.Constant) or
+                    (isinstance(value, ast.Call) and getattr(value.func, "id", None) in CHECKS))
+    return False
+
 # %% ../../nbs/tools/02_docs.ipynb #c009
 def exported_module(notebook) -> str|None:
     "The module a notebook exports to (its `#| default_exp`), or None."
@@ -155,11 +178,25 @@ def skipped_in_docs(cell) -> bool:
 
 EXPORT_DIRECTIVES = ("export", "exporti", "exports")
 
+def calls_show_doc(source:str) -> bool:
+    "Whether a code cell is a call of `show_doc` (the cells nbdev adds after each exported definition)."
+    try:
+        body = ast.parse("\n".join(line for line in source.splitlines() if not line.startswith("#|"))).body
+    except SyntaxError:
+        return False
+    return any(isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
+               and getattr(node.value.func, "id", None) == "show_doc" for node in body)
+
 class run_examples(exec_show_docs):
     "nbdev's `exec_show_docs`, widened: run every cell nbdev-test runs; `show_doc` documents the exported module."
     def begin(self):
         super().begin()  # a fresh IPython shell with nbdev's show_doc
         self.module = exported_module(self.nb)
+        examples = [cell for cell in self.nb.cells if cell.cell_type == "code" and cell.source.strip()
+                    and not set(cell.directives_) & {*EXPORT_DIRECTIVES, "hide", "default_exp"}
+                    and not calls_show_doc(cell.source)]
+        shown = [index for index, cell in enumerate(examples) if not skipped_in_docs(cell) and shows_output(cell.source)]
+        self.unshown = {id(cell) for cell in examples[(shown[-1] + 1) if shown else 0:]}  # left to nbdev-test
         if not hasattr(self, "k"):
             return
         self._run("from functools import partial\nfrom mlops_notebooks.tools.docs import ArgTableRenderer\n"
@@ -179,7 +216,8 @@ class run_examples(exec_show_docs):
             self._run(f"from {package}.{self.module} import *", f"the module {package}.{self.module}")
 
     def __call__(self, cell):
-        if not hasattr(self, "k") or cell.cell_type != "code" or not cell.source.strip() or skipped_in_docs(cell):
+        if (not hasattr(self, "k") or cell.cell_type != "code" or not cell.source.strip() or skipped_in_docs(cell)
+                or id(cell) in self.unshown):
             return
         self.k.cell(cell)
         if self.k.exc:
