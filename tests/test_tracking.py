@@ -4,6 +4,7 @@ Read through the MLflow client from a project on which `dvc repro` has run (the 
 """
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -73,8 +74,14 @@ def test_the_decision_is_an_artifact_with_a_short_summary(tracked):
     assert len(logged) == 1 and logged[0].endswith(f"-v{decision['challenger']['version']}.json")
 
 
-def test_the_executed_reports_are_the_runs_artifacts(tracked):
+def test_the_executed_reports_are_the_runs_artifacts(tracked, tmp_path):
     project, client, run = tracked
     logged = {artifact.path for artifact in client.list_artifacts(run.info.run_id, "reports")}
     assert logged == {"reports/04_train.ipynb", "reports/05_evaluate.ipynb", "reports/06_register.ipynb"}
-    assert set(run.data.tags["lineage.reports"].split(",")) == logged
+    decision = json.loads((project / "reports/register_decision.json").read_text())
+    version = client.get_model_version(decision["model_name"], str(decision["challenger"]["version"]))
+    assert set(version.tags["lineage.reports"].split(",")) == logged, "the reports the version's lineage names"
+    downloaded = client.download_artifacts(run.info.run_id, "reports/06_register.ipynb", str(tmp_path))
+    notebook = json.loads(Path(downloaded).read_text())
+    assert notebook["metadata"]["papermill"]["exception"] is None, "the whole executed notebook, as the stage ended"
+    assert f"version {decision['challenger']['version']} (new): {decision['outcome']}" in json.dumps(notebook["cells"])
