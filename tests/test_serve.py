@@ -22,6 +22,8 @@ import requests
 
 from conftest import BIN, project_env, run
 
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs it; `make test` does not
+
 MODEL = "claims-cost"
 FEATURES = ["line_of_business", "claim_type", "region", "policyholder_age", "claimant_age", "vehicle_age",
             "sum_insured", "policy_tenure_years", "report_delay_days", "initial_reserve", "injury", "litigation"]
@@ -38,8 +40,6 @@ from mlops_notebooks.stages.schema import DataParams
 from mlops_notebooks.stages.train import TrainParams, feature_frame, fit_model, log_training_run
 from mlops_notebooks.core.settings import configure_mlflow, load_settings, project_root
 from mlops_notebooks.serving.serve import Champion
-
-pytestmark = pytest.mark.slow  # `make test-all` (CI) runs it; `make test` does not
 root = project_root()
 configure_mlflow(load_settings(root), root)
 features = DataParams(**yaml.safe_load(open("params.yaml"))["data"])
