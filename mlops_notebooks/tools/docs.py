@@ -95,6 +95,7 @@ def field_table(model:type[BaseModel]) -> str:
         rows.append(f"| {name} | {_cell(type_name)} | {default} | {_cell(details)} |")
     return "\n".join(rows)
 
+# %% ../../nbs/tools/02_docs.ipynb #c005b
 def unannotated_none(symbol) -> list[str]:
     "The arguments of `symbol` with no annotation and the default None."
     try:
@@ -187,6 +188,7 @@ def calls_show_doc(source:str) -> bool:
     return any(isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
                and getattr(node.value.func, "id", None) == "show_doc" for node in body)
 
+# %% ../../nbs/tools/02_docs.ipynb #c009b
 class run_examples(exec_show_docs):
     "nbdev's `exec_show_docs`, widened: run every cell nbdev-test runs; `show_doc` documents the exported module."
     def begin(self):
@@ -353,6 +355,7 @@ def format_cell(text:str) -> tuple[str, bool]:
         return format_number(float(stripped)), True
     return stripped, False
 
+# %% ../../nbs/tools/02_docs.ipynb #c012d
 class _FrameTable(HTMLParser):
     "The rows of pandas' HTML table: (is a header row, [(tag, attributes, text)])."
     def __init__(self):
@@ -455,6 +458,7 @@ def output_markdown(output, # an nbformat output
         return _text_block(data["text/plain"], "text"), {}
     return "", {}
 
+# %% ../../nbs/tools/02_docs.ipynb #c013c
 def _folded(source:str) -> str:
     "Code folded into a collapsed block (pymdownx.details), for reports: the results show first."
     lines = source.splitlines()
@@ -547,6 +551,7 @@ def report_intro(executed:nbformat.NotebookNode, # the executed notebook, as pap
                      + yaml.safe_dump(sections, sort_keys=False, default_flow_style=None, width=110).strip() + "\n```")
     return "\n".join(lines)
 
+# %% ../../nbs/tools/02_docs.ipynb #c019b
 PIPELINE_CELL = re.compile(r"^#\|\s*pipeline\b", re.M)
 
 def _kept_before_the_run(cell) -> bool:
@@ -730,6 +735,7 @@ def decision_markdown(decision:dict) -> str:
             f"{key} {json.dumps(value) if isinstance(value, (dict, list)) else value}" for key, value in rule.items()) + "."]
     return "\n".join(lines)
 
+# %% ../../nbs/tools/02_docs.ipynb #c025i
 def _bullets(value) -> list[str]:
     if not value:
         return ["*Not stated: write it in `model_card.yaml`.*"]
@@ -754,6 +760,7 @@ def _algorithm(params:dict) -> list[str]:
             + (" on the target per unit of weight" if params.get("data.target_per_weight") == "True" else "") + ".",
             "", "Hyper-parameters: " + ", ".join(f"`{key}` {value}" for key, value in hyper.items()) + "."]
 
+# %% ../../nbs/tools/02_docs.ipynb #c025j
 def card_markdown(report:dict|None,     # `lineage_report` of the champion (with `run_name`, `started`), None when none
                   latest_decision:dict|None, # reports/register_decision.json, None when missing
                   tracking_uri:str,
@@ -884,6 +891,7 @@ def pipeline_layout(pipeline:dict) -> dict:
     return {"chain": [name for name in names if name not in loop], "loop": loop, "incoming": incoming,
             "notebooks": notebooks}
 
+# %% ../../nbs/tools/02_docs.ipynb #c026j
 def _box(x:float, y:float, label:str, detail:str, kind:str) -> str:
     fill, stroke = BOX_STYLES[kind]
     middle = x + BOX_WIDTH / 2
@@ -901,6 +909,7 @@ def _arrow(x1:float, y1:float, x2:float, y2:float, label:str="", dashed:bool=Fal
         return line + f'<text {side} y="{(y1 + y2) / 2 + 4}" class="note">{html.escape(label)}</text>'
     return line + f'<text x="{(x1 + x2) / 2}" y="{y1 - 6}" class="note" text-anchor="middle">{html.escape(label)}</text>'
 
+# %% ../../nbs/tools/02_docs.ipynb #c026k
 def pipeline_svg(pipeline:dict) -> str:
     "The picture of the pipeline (dvc.yaml's stages), the registry, the service and the monitor's loop, as SVG."
     layout = pipeline_layout(pipeline)
@@ -1071,6 +1080,7 @@ SITE_CSS = """/* Written by mlops_notebooks.tools.docs. Wider content, code that
 .md-typeset img { max-width: 100%; height: auto; }
 """
 
+# %% ../../nbs/tools/02_docs.ipynb #c031b
 def library_notebooks(root:Path) -> list[Path]:
     "The notebooks that export a module, room by room (stages first), in path order within a room."
     pattern = re.compile(r"^#\|\s*default_exp\s+\S+", re.MULTILINE)
@@ -1108,6 +1118,7 @@ def source_link(root:Path, staging:Path, notebook:str, page:str) -> str:
     shutil.copy2(root / "nbs" / notebook, copy)
     return os.path.relpath(copy.relative_to(staging).as_posix(), str(Path(page).parent))
 
+# %% ../../nbs/tools/02_docs.ipynb #c031c
 def build_api_pages(root:Path, staging:Path, pages:dict) -> list:
     "One API page per library notebook (examples run, two at a time, cached): nav entries, grouped by room."
     groups = {}
@@ -1154,6 +1165,7 @@ def build_report_pages(root:Path, staging:Path, api_pages:dict) -> list:
     (staging / "reports" / "index.md").write_text(reports_overview(reports, converted))
     return ["reports/index.md", *entries]
 
+# %% ../../nbs/tools/02_docs.ipynb #c031e
 def build_model_card(root:Path, staging:Path, report_pages:dict):
     "The model card of the current champion (or the page saying there is none)."
     report, uri, name = champion_report(root)
@@ -1180,6 +1192,7 @@ def home_links(root:Path, pages:dict) -> dict:
     links["../reports/index.md"] = "reports/index.md"
     return links
 
+# %% ../../nbs/tools/02_docs.ipynb #c031d
 def build_site(root:Path|str, # the project root (with mkdocs.yml, nbs/, docs/)
               ) -> Path:
     "Build the documentation site into `<root>/_docs` and return that folder."
