@@ -26,6 +26,31 @@ BROKEN_IMAGES_JS = """Array.from(document.images)
   .map(image => image.currentSrc || image.src)"""
 
 
+# What a reader sees of the page's content (MkDocs Material's article): code blocks that scroll sideways (their text is
+# wider than their box), tables that show past the content column (a table in frames that scroll sideways shows only
+# as far as the narrowest frame), and the outputs on show — the builder's `docs-output` frames and the images — that
+# have a size (not in a collapsed block).
+LAYOUT_JS = """(() => {
+  const content = document.querySelector('.md-content__inner') || document.body;
+  const column = (document.querySelector('.md-content') || document.body).getBoundingClientRect().right + 1;
+  const shown = element => element.getClientRects().length > 0 && element.offsetWidth > 0 && element.offsetHeight > 0;
+  const wideCode = Array.from(content.querySelectorAll('pre > code'))
+    .filter(code => shown(code) && code.scrollWidth > code.clientWidth + 1)
+    .map(code => code.textContent.trim().split('\\n')[0].slice(0, 80));
+  const clips = element => ['auto', 'scroll', 'hidden', 'clip'].includes(getComputedStyle(element).overflowX);
+  const spillingTables = Array.from(content.querySelectorAll('table')).filter(table => {
+    if (!shown(table)) return false;
+    let visibleRight = table.getBoundingClientRect().right;
+    for (let frame = table.parentElement; frame && frame !== content; frame = frame.parentElement)
+      if (clips(frame)) visibleRight = Math.min(visibleRight, frame.getBoundingClientRect().right);
+    return visibleRight > column;
+  }).map(table => (table.querySelector('th, td') || table).textContent.trim().slice(0, 60));
+  const outputs = Array.from(content.querySelectorAll('.docs-output')).filter(shown).length;
+  const images = Array.from(content.querySelectorAll('img')).filter(image => shown(image) && image.naturalWidth > 0).length;
+  return {wideCode, spillingTables, outputs, images};
+})()"""
+
+
 @dataclass
 class PageReport:
     url: str
@@ -33,13 +58,19 @@ class PageReport:
     failed_requests: list[str] = field(default_factory=list)  # network failures and HTTP status >= 400
     foreign_requests: list[str] = field(default_factory=list)  # anything not from the local server
     broken_images: list[str] = field(default_factory=list)
+    wide_code: list[str] = field(default_factory=list)         # code blocks that scroll sideways (first line of each)
+    spilling_tables: list[str] = field(default_factory=list)   # tables reaching past the content column
+    visible_outputs: int = 0                                   # `docs-output` frames on show
+    visible_images: int = 0                                    # loaded images on show in the content
 
     @property
     def problems(self) -> list[str]:
         return ([f"console: {text}" for text in self.console_errors]
                 + [f"request failed: {text}" for text in self.failed_requests]
                 + [f"request outside the site: {url}" for url in self.foreign_requests]
-                + [f"broken image: {url}" for url in self.broken_images])
+                + [f"broken image: {url}" for url in self.broken_images]
+                + [f"code wider than its column: {line}" for line in self.wide_code]
+                + [f"table spills outside the content: {text}" for text in self.spilling_tables])
 
 
 class Chromium:
@@ -122,6 +153,8 @@ class Chromium:
                     events.append(message)
             broken = self._call("Runtime.evaluate", {"expression": BROKEN_IMAGES_JS, "returnByValue": True},
                                 session=session, events=events)["result"]["value"]
+            layout = self._call("Runtime.evaluate", {"expression": LAYOUT_JS, "returnByValue": True},
+                                session=session, events=events)["result"]["value"]
             if screenshot is not None:
                 options = {"format": "png"}
                 if full_page:
@@ -130,7 +163,10 @@ class Chromium:
                                    clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1})
                 shot = self._call("Page.captureScreenshot", options, session=session, events=events)
                 Path(screenshot).write_bytes(base64.b64decode(shot["data"]))
-            return self._report(url, events, broken)
+            report = self._report(url, events, broken)
+            report.wide_code, report.spilling_tables = layout["wideCode"], layout["spillingTables"]
+            report.visible_outputs, report.visible_images = layout["outputs"], layout["images"]
+            return report
         finally:
             self._call("Target.closeTarget", {"targetId": target})
 

@@ -25,6 +25,8 @@ from conftest import BIN, dvc, project_env, run, set_params
 
 pytestmark = pytest.mark.slow  # `make test-all` (CI) runs it; `make test` does not
 
+pytestmark = pytest.mark.slow  # `make test-all` (CI) runs it; `make test` does not
+
 MODEL = "claims-cost"
 FEATURES = ["line_of_business", "claim_type", "region", "policyholder_age", "claimant_age", "vehicle_age",
             "sum_insured", "policy_tenure_years", "report_delay_days", "initial_reserve", "injury", "litigation"]

@@ -462,6 +462,8 @@ class _EngineFront:
             report_failures_briefly(input_path, output_path)
         if not failed:
             check_outputs_written(input_path, output_path)
+            from mlops_notebooks.core.tracking import log_reports
+            log_reports(executed, output_path)  # to the MLflow runs its cells named with `attach_report`
         return executed
 
     @classmethod

@@ -15,12 +15,10 @@ from urllib.parse import urlsplit
 from .settings import DataError, ServiceUnreachable, UserError, describe_outage
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-TAG_VALUE_LIMIT = 5000  # MLflow's limit on a model version tag value
 
 # %% auto #0
-__all__ = ['CHAMPION', 'CHALLENGER', 'TAG_VALUE_LIMIT', 'TRAIN_RERUN', 'find_version_of_run', 'version_by_alias',
-           'register_version', 'load_version_model', 'read_train_run', 'record_tags', 'lock_path_for', 'lock_database',
-           'advisory_lock', 'gate_lock']
+__all__ = ['CHAMPION', 'CHALLENGER', 'TRAIN_RERUN', 'find_version_of_run', 'version_by_alias', 'register_version',
+           'load_version_model', 'read_train_run', 'lock_path_for', 'lock_database', 'advisory_lock', 'gate_lock']
 
 # %% ../../nbs/core/05_registry.ipynb #c005
 def find_version_of_run(client, # an `mlflow.MlflowClient`
@@ -102,12 +100,6 @@ def read_train_run(path:Path|str, # the train stage's `run` output (models/train
     return trained
 
 # %% ../../nbs/core/05_registry.ipynb #c011
-def record_tags(record:dict) -> dict:
-    "The decision record as model version tags (the full record as JSON, cut to MLflow's limit)."
-    text = json.dumps(record, sort_keys=True, default=str)
-    return {"decision.outcome": record["outcome"], "decision.time": record["time"],
-            "decision.record": text if len(text) <= TAG_VALUE_LIMIT else text[:TAG_VALUE_LIMIT - 3] + "..."}
-
 def lock_path_for(tracking_uri:str, root:Path) -> str:
     "Where a file lock for the gate lives: beside a SQLite store, else in the project root."
     if tracking_uri.startswith("sqlite:///"):

@@ -66,7 +66,8 @@ def lineage_report(client, version, run_id:str) -> dict:
     lineage = {key[len("lineage."):]: value for key, value in sorted(tags.items()) if key.startswith("lineage.")}
     data = {key[len("data."):]: lineage.pop(key) for key in list(lineage) if key.startswith("data.")}
     params = {key[len("params."):]: lineage.pop(key) for key in list(lineage) if key.startswith("params.")}
-    decision = json.loads(tags["decision.record"]) if tags.get("decision.record", "").endswith("}") else tags.get("decision.record")
+    from mlops_notebooks.core.tracking import read_decision
+    decision = read_decision(tags, client)  # the JSON artifact the version's `decision.artifact` tag names
     report = {
         "model": None if version is None else version.name,
         "version": None if version is None else int(version.version),
