@@ -150,9 +150,10 @@ def noop_pairs(project: Path, floor: Path, count: int) -> list[dict]:
     return pairs
 
 
-def restore_runs(project: Path, count: int, workdir: Path) -> dict:
+def restore_runs(project: Path, floor: Path, count: int, workdir: Path) -> dict:
     """Change train.learning_rate and repro (the stages run), then go back and forth `count` times: each of those
-    repros finds the params in DVC's run cache and restores the outputs it recorded for them."""
+    repros finds the params in DVC's run cache and restores the outputs it recorded for them (each right after a
+    no-op of the floor project, as the no-ops are)."""
     original = (project / "params.yaml").read_text()
     params = yaml.safe_load(original)
     changed = yaml.safe_dump(merge(params, {"train": {"learning_rate": params["train"]["learning_rate"] * 2}}),
@@ -162,7 +163,8 @@ def restore_runs(project: Path, count: int, workdir: Path) -> dict:
     samples = []
     for index in range(count):
         (project / "params.yaml").write_text(original if index % 2 == 0 else changed)
-        restore = timed_repro(project, workdir / f"restore-{index}.log")
+        floor_s = timed_repro(floor)["s"]
+        restore = {**timed_repro(project, workdir / f"restore-{index}.log"), "floor_s": floor_s}
         if restore["stages"]:
             raise SystemExit(f"going back to earlier params re-ran {sorted(restore['stages'])} instead of restoring")
         samples.append(restore)
@@ -192,7 +194,9 @@ def build_record(args, cold: list[dict], noops: list[dict], restore: dict, mlflo
         "noop_over_floor_s": median(pair["noop_s"] - pair["floor_s"] for pair in noops),
         "noop_pairs": [{key: round(value, 3) for key, value in pair.items()} for pair in noops],
         "restore_previous_params_s": median(sample["s"] for sample in restore["samples"]),
+        "restore_over_floor_s": median(sample["s"] - sample["floor_s"] for sample in restore["samples"]),
         "restore_samples_s": [round(sample["s"], 3) for sample in restore["samples"]],
+        "restore_floor_samples_s": [round(sample["floor_s"], 3) for sample in restore["samples"]],
         "restored_stages": sorted(set().union(*(sample["restored"] for sample in restore["samples"]))),
         "changed_params_repro_s": restore["changed_params_repro_s"],
         "changed_params_ran": restore["changed_params_ran"],
@@ -263,7 +267,7 @@ def main():
                     shutil.rmtree(project)
 
         print("run cache: a params change and back ...", flush=True)
-        restore = restore_runs(copies["notebooks"], args.restores, workdir)
+        restore = restore_runs(copies["notebooks"], floor, args.restores, workdir)
         print("MLflow per training run ...", flush=True)
         probe = run([sys.executable, "benchmarks/support/mlflow_probe.py", str(args.mlflow_runs)],
                     copies["notebooks"], project_env())

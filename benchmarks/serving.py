@@ -341,6 +341,7 @@ def main():
     figures["ready_cold_samples_s"] = [round(value, 3) for value in cold]
     figures["ready_cold_over_mlflow_serve"] = round(
         statistics.median(pair["project"]["ready_s"] / pair["mlflow"]["ready_s"] for pair in pairs), 3)
+    figures["ready_cold_over_mlflow_serve_of_medians"] = round(figures["ready_cold_s"] / figures["mlflow_serve_ready_s"], 3)
     figures["ready_cold_cpu_s"] = round(statistics.median(pair["project"]["ready_cpu_s"] for pair in pairs), 2)
     figures["mlflow_serve_ready_cpu_s"] = round(statistics.median(pair["mlflow"]["ready_cpu_s"] for pair in pairs), 2)
     figures["first_start_pairs"] = [{kind: {key: round(value, 3) for key, value in pair[kind].items()}
