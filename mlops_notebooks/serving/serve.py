@@ -365,9 +365,11 @@ def champion_from_columns(name:str, version:int, run_id:str, model, columns:list
     fast = FastEncoding(model, columns)
     if fast.usable:
         probe = probe_records(columns)
-        exact = model.predict(champion.frame(probe))
         matrix = fast.matrix(probe)
-        if np.array_equal(fast.booster.predict(matrix), exact, equal_nan=True):
+        with booster_threads():  # as requests predict (above): on a busy machine, all cores are far slower here
+            exact = model.predict(champion.frame(probe))
+            same = np.array_equal(fast.booster.predict(matrix), exact, equal_nan=True)
+        if same:
             fast.trees = treelite_trees(fast.booster, matrix, exact)
             fast.probe = (matrix, exact)  # what any later predictor (the compiled trees) must reproduce
             object.__setattr__(champion, "fast", fast)  # set once, before anyone sees the champion
@@ -738,8 +740,17 @@ def build_service(settings:Settings,
 
 def serve(settings:Settings, host:str|None=None, port:int|None=None):
     "Serve the champion until stopped."
-    import uvicorn
-    app, watcher = build_service(settings)
+    import gc
+    # Starting imports MLflow, scikit-learn and FastAPI and loads the model: many objects made, few freed, so the
+    # garbage collector would walk them again and again for nothing. It is off until the service is built; then
+    # what start-up made is frozen (later collections never walk it, so their pauses stay short under requests).
+    gc.disable()
+    try:
+        import uvicorn
+        app, watcher = build_service(settings)
+    finally:
+        gc.freeze()
+        gc.enable()
     host, port = host or settings.service_host, port or settings.service_port
     source = "the registry" if watcher.confirmed else "the last snapshot; asking the registry now"
     print(f"serving {watcher.current.name} version {watcher.current.version} ({source}) on http://{host}:{port}",
