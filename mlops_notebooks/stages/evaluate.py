@@ -18,7 +18,7 @@ from .schema import DEVIANCE_POWER, DataParams
 
 # %% auto #0
 __all__ = ['MetricName', 'METRIC_DIRECTIONS', 'EvaluateParams', 'lorenz_curve', 'gini', 'deviance_power', 'cost_metrics',
-           'actual_expected', 'prediction_deciles', 'actual_expected_by_segment', 'error_by_group',
+           'dispersion', 'actual_expected', 'prediction_deciles', 'actual_expected_by_segment', 'error_by_group',
            'feature_importance']
 
 # %% ../../nbs/stages/05_evaluate.ipynb #c004
@@ -108,23 +108,24 @@ def _ae_table(actual_total:np.ndarray,   # per group: sum of w * y
     return {"ae": ae, "ci_low": np.where(usable, ci_low, np.nan), "ci_high": np.where(usable, ci_high, np.nan),
             "p_value": np.where(usable, p_value, 1.0)}
 
-def _dispersion(actual:np.ndarray, fitted:np.ndarray, weight:np.ndarray, power:float) -> float:
-    "The objective's dispersion per degree of freedom: Pearson's, or for Gamma (power 2 and more) the deviance's."
+def dispersion(actual:np.ndarray,   # observed values of the modelled target
+               predicted:np.ndarray, # predictions at the rows' own level (A/E times the model's)
+               weight:np.ndarray|None=None, power:float=0.0) -> float:
+    "Pearson's estimate of the objective's dispersion: sum of w (y - mu)^2 / mu^p per degree of freedom."
+    actual, predicted = np.asarray(actual, dtype=float), np.asarray(predicted, dtype=float)
+    weight = np.ones_like(actual) if weight is None else np.asarray(weight, dtype=float)
     if len(actual) < 2:
         return 0.0
-    if power >= 2 and (actual > 0).all() and (fitted > 0).all():
-        total = mean_tweedie_deviance(actual, fitted, sample_weight=weight, power=power) * np.sum(weight)
-    else:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            pearson = weight * (actual - fitted) ** 2 / np.abs(fitted) ** power
-        total = np.sum(pearson[np.isfinite(pearson)])
-    return float(total / (len(actual) - 1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pearson = weight * (actual - predicted) ** 2 / np.abs(predicted) ** power
+    return float(np.sum(pearson[np.isfinite(pearson)]) / (len(actual) - 1))
 
 def actual_expected(actual:np.ndarray,     # observed values of the modelled target
                     predicted:np.ndarray,  # the model's predictions
                     weight:np.ndarray|None=None, # exposure, when declared
                     power:float=0.0,       # Tweedie power of the objective (0 squared error, 1 Poisson, 2 Gamma)
                     level:float=0.95,      # of the confidence interval
+                    phi:float|None=None,   # the objective's dispersion, when estimated from more rows; None: from these
                    ) -> dict:
     "Actual / expected (weighted totals), its confidence interval, the p-value of A/E = 1 and the dispersion."
     actual, predicted = np.asarray(actual, dtype=float), np.asarray(predicted, dtype=float)
@@ -132,14 +133,14 @@ def actual_expected(actual:np.ndarray,     # observed values of the modelled tar
     actual_total, expected_total = float(np.sum(weight * actual)), float(np.sum(weight * predicted))
     # the predictions at the observed level (with nothing observed, as they are: the spread of nothing is no estimate)
     fitted = (actual_total / expected_total if expected_total > 0 and actual_total > 0 else 1.0) * predicted
-    dispersion = _dispersion(actual, fitted, weight, power)
+    phi = dispersion(actual, fitted, weight, power) if phi is None else phi
     interval = _ae_table(np.array([actual_total]), np.array([expected_total]),
                          np.array([np.sum(weight * np.maximum(predicted, 0) ** power)]),
                          np.array([np.sum((weight * (actual - predicted)) ** 2)]),
-                         np.array([np.sum((weight * (actual - fitted)) ** 2)]), dispersion, power, level)
+                         np.array([np.sum((weight * (actual - fitted)) ** 2)]), phi, power, level)
     return {"ae": float(interval["ae"][0]), "ci_low": float(interval["ci_low"][0]), "ci_high": float(interval["ci_high"][0]),
             "level": level, "p_value": float(interval["p_value"][0]), "actual": actual_total, "expected": expected_total,
-            "rows": len(actual), "weight": float(np.sum(weight)), "dispersion": dispersion}
+            "rows": len(actual), "weight": float(np.sum(weight)), "dispersion": phi}
 
 # %% ../../nbs/stages/05_evaluate.ipynb #e006
 def prediction_deciles(predicted:np.ndarray) -> np.ndarray:
@@ -151,13 +152,12 @@ def prediction_deciles(predicted:np.ndarray) -> np.ndarray:
 def actual_expected_by_segment(segments:pd.DataFrame, # one column per segmentation (e.g. a categorical feature), row-aligned
                                actual:np.ndarray, predicted:np.ndarray, weight:np.ndarray|None=None,
                                power:float=0.0, level:float=0.95,
-                               dispersion:float|None=None, # the batch's; None: estimated from these rows
+                               phi:float|None=None, # the batch's dispersion; None: estimated from these rows
                               ) -> pd.DataFrame:
     "One row per (segmentation, level): rows, weight, actual and expected totals, A/E, its interval and p-value."
     actual, predicted = np.asarray(actual, dtype=float), np.asarray(predicted, dtype=float)
     weight = np.ones_like(actual) if weight is None else np.asarray(weight, dtype=float)
-    if dispersion is None:
-        dispersion = actual_expected(actual, predicted, weight, power, level)["dispersion"]
+    phi = actual_expected(actual, predicted, weight, power, level, phi)["dispersion"]
     # Sums from which every segment's totals and spreads follow: sum w^2 (y - r p)^2 = yy - 2 r yp + r^2 pp.
     sums = pd.DataFrame({"weight": weight, "actual": weight * actual, "expected": weight * predicted,
                          "model": weight * np.maximum(predicted, 0) ** power, "yy": (weight * actual) ** 2,
@@ -172,7 +172,7 @@ def actual_expected_by_segment(segments:pd.DataFrame, # one column per segmentat
         def spread(r):
             return (table["yy"] - 2 * r * table["yp"] + r ** 2 * table["pp"]).clip(lower=0).to_numpy()
         interval = _ae_table(table["actual"].to_numpy(), table["expected"].to_numpy(), table["model"].to_numpy(),
-                             spread(1.0), spread(ratio), dispersion, power, level)
+                             spread(1.0), spread(ratio), phi, power, level)
         tables.append(table.assign(**interval, segment=name).rename_axis("level").reset_index()[columns])
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=columns)
 
