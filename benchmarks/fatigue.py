@@ -5,11 +5,13 @@ monitor's time on one million rows.
 - detection delay and months the loop did worse: the lifecycle replay with the `replay` section of params.yaml
   (full size), for several seeds;
 - false-alarm rate and A/E detection power, on the generator: for each of 20 seeds, a champion trained on two
-  undrifted years (params.yaml `train`) of the default portfolio's monthly volume (`ingest`: n_claims / n_months),
-  its last month held out as its evaluation rows; then 3 later undrifted labelled months, each judged by
-  `monitor_batch` as it is (a false alarm = any verdict but `stable`) and with its costs scaled by 1.10, 1.15, 1.20
-  and 1.30 (detected = any verdict but `stable`): `false_alarm_rate`, `ae_detection_rate_110` ... `_130`. The same
-  at the replay's smaller months (`replay.claims_per_month`) is recorded beside them (`..._replay_months`);
+  undrifted years (params.yaml `train`) of the default portfolio's monthly volume (`ingest`: n_claims / n_months =
+  3,333 claims a month), its last month held out as its evaluation rows; then 3 later undrifted labelled months of
+  5,000 claims (`--claims-per-month`), each judged by `monitor_batch` as it is (a false alarm = any verdict but
+  `stable`) and with its costs scaled by 1.10, 1.15, 1.20 and 1.30 (detected = any verdict but `stable`):
+  `false_alarm_rate`, `ae_detection_rate_110` ... `_130`. The same on months of the default portfolio's 3,333 claims
+  is recorded beside them (`..._default_months`): the spread of a month's A/E shrinks with its size only as one over
+  the square root, and heavy-tailed costs make it wide;
 - the same on freMTPL2's claim frequency (the real policies in ../shared, the frequency example's params): a
   champion trained on a random half of the policies (the split's hash, seed 0), 20 "months" of one twelfth of the
   policies drawn from the other half (a seeded sample each), judged as they are and with their claim counts scaled:
@@ -107,8 +109,8 @@ def summarise_months(verdicts: dict, suffix: str = "", prefix: str = "") -> dict
     return figures
 
 
-def synthetic_months(seeds: int, months_per_seed: int, claims_per_month: int) -> dict:
-    "Verdicts on undrifted labelled months, as they are (key None) and with costs scaled (key: the scale)."
+def synthetic_months(seeds: int, months_per_seed: int, history_per_month: int, sizes: list[int]) -> dict:
+    "Verdicts on undrifted labelled months of each size, as they are (key None) and with costs scaled (key: the scale)."
     import pandas as pd
     from mlops_notebooks.stages.features import select_features, split_by_month
     from mlops_notebooks.stages.generator import generate_claims
@@ -116,20 +118,21 @@ def synthetic_months(seeds: int, months_per_seed: int, claims_per_month: int) ->
     from mlops_notebooks.stages.train import fit_model
     data, train, _, monitor, _ = sections()
     history = 24
-    verdicts = {None: [], **{scale: [] for scale in SCALES}}
+    verdicts = {size: {None: [], **{scale: [] for scale in SCALES}} for size in sizes}
     for seed in range(seeds):
-        claims = select_features(generate_claims(claims_per_month * history, "2022-01", history, seed=10_000 + seed), data)
+        claims = select_features(generate_claims(history_per_month * history, "2022-01", history, seed=10_000 + seed), data)
         reference, evaluation = split_by_month(claims, 1)
         model = fit_model(reference, data, train)
         first = pd.Period("2022-01", freq="M") + history
-        for offset in range(months_per_seed):
-            batch = generate_claims(claims_per_month, str(first + offset), 1, seed=20_000 + 100 * seed + offset,
-                                    first_claim_id=10**8)
-            for scale in verdicts:
-                scaled = batch if scale is None else batch.assign(**{data.target: batch[data.target] * scale})
-                verdicts[scale].append(monitor_batch(reference, scaled, data, monitor, model, evaluation)["verdict"])
-        print(f"{claims_per_month} claims a month, seed {seed}: " +
-              ", ".join(f"{scale or 1.0}: {found[-months_per_seed:]}" for scale, found in verdicts.items()), flush=True)
+        for size in sizes:
+            for offset in range(months_per_seed):
+                batch = generate_claims(size, str(first + offset), 1, seed=20_000 + 100 * seed + offset,
+                                        first_claim_id=10**8)
+                for scale, found in verdicts[size].items():
+                    scaled = batch if scale is None else batch.assign(**{data.target: batch[data.target] * scale})
+                    found.append(monitor_batch(reference, scaled, data, monitor, model, evaluation)["verdict"])
+            print(f"seed {seed}, months of {size} claims: " + ", ".join(
+                f"{scale or 1.0}: {found[-months_per_seed:]}" for scale, found in verdicts[size].items()), flush=True)
     return verdicts
 
 
@@ -201,6 +204,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=20, help="seeds of undrifted months (false alarms, A/E power)")
     parser.add_argument("--months-per-seed", type=int, default=3)
+    parser.add_argument("--claims-per-month", type=int, default=5000, help="claims in a month judged for A/E power")
     parser.add_argument("--fremtpl2", type=Path, default=REPO.parent / "shared/data/freMTPL2", help="the freMTPL2 folder")
     parser.add_argument("--replay-seeds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
@@ -214,11 +218,13 @@ def main():
     figures = {}
     figures.update(monitor_speed(100_000 if arguments.quick else 1_000_000, arguments.repeats))
     print(json.dumps(figures), flush=True)
-    figures["claims_per_month"] = default_month
-    figures.update(summarise_months(synthetic_months(arguments.seeds, arguments.months_per_seed, default_month)))
+    months = synthetic_months(arguments.seeds, arguments.months_per_seed, default_month,
+                              [arguments.claims_per_month, default_month])
+    figures["claims_per_month"] = arguments.claims_per_month
+    figures.update(summarise_months(months[arguments.claims_per_month]))
     figures["false_alarm_seeds"] = arguments.seeds
-    figures.update(summarise_months(synthetic_months(arguments.seeds, arguments.months_per_seed,
-                                                     params["replay"]["claims_per_month"]), suffix="_replay_months"))
+    figures["default_claims_per_month"] = default_month
+    figures.update(summarise_months(months[default_month], suffix="_default_months"))
     figures.update(summarise_months(fremtpl2_months(arguments.fremtpl2, arguments.seeds), prefix="fremtpl2_"))
     print(json.dumps(figures), flush=True)
     figures.update(replays(list(range(arguments.replay_seeds))))

@@ -87,3 +87,32 @@ def test_pure_premium_joins_claim_amounts_and_ranks_risks(pure_premium):
     assert decision["model_name"] == "fremtpl2-pure-premium" and decision["rule"]["deviance_power"] == 1.9
     params = yaml.safe_load((project / "params.yaml").read_text())
     assert params["train"]["estimator"] == "xgboost" and params["data"]["objective"] == "tweedie"
+
+
+def test_on_real_policies_a_rise_in_claims_is_flagged_and_a_random_half_of_the_training_year_is_not():
+    "freMTPL2 as two 'years' (random halves): the model learns the first; the second's claim counts rose 15%."
+    from mlops_notebooks.core.settings import parse_params
+    from mlops_notebooks.stages.features import row_uniform, select_features
+    from mlops_notebooks.stages.monitor import MonitorParams, monitor_batch
+    from mlops_notebooks.stages.schema import DataParams
+    from mlops_notebooks.stages.train import TrainParams, fit_model
+    example = yaml.safe_load((REPO / "examples/fremtpl2/frequency.yaml").read_text())
+    data = parse_params(DataParams, "data", example["data"])
+    monitor = parse_params(MonitorParams, "monitor", example["monitor"])
+    policies = pd.read_csv(FREMTPL2 / "freMTPL2freq.csv")
+    policies = policies[(policies["ClaimNb"] <= 4) & (policies["Exposure"] <= 1)]  # what validation keeps
+    year = row_uniform(policies["IDpol"], 7) < 0.5
+    first_year, second_year = policies[year], policies[~year]
+    held_out = row_uniform(first_year["IDpol"], 8) < 0.1
+    reference, evaluation = (select_features(part, data) for part in (first_year[~held_out], first_year[held_out]))
+    model = fit_model(reference, data, parse_params(TrainParams, "train", example["train"]))
+
+    risen = second_year.assign(ClaimNb=second_year["ClaimNb"] * 1.15)
+    trend = monitor_batch(reference, risen, data, monitor, model, evaluation)
+    assert trend["verdict"] == "miscalibrated" and trend["drifted_features"] == [], trend["calibration"]["summary"]
+    assert 1.05 < trend["calibration"]["ci_low"] < 1.15 < trend["calibration"]["ci_high"] < 1.25
+    assert trend["calibration"]["summary"].startswith("actual 1")  # "actual 1x% above expected"
+    assert trend["calibration"]["actual"] == pytest.approx(risen["ClaimNb"].sum())
+    assert monitor_batch(reference, second_year, data, monitor, model, evaluation)["verdict"] == "stable"
+    half = first_year.sample(frac=0.5, random_state=0)  # a random half of the year the model learned from
+    assert monitor_batch(reference, half, data, monitor, model, evaluation)["verdict"] == "stable"

@@ -24,8 +24,8 @@ from .schema import DataParams
 # %% auto #0
 __all__ = ['FLAGGED', 'MonitorParams', 'psi', 'numeric_bin_counts', 'numeric_drift', 'categorical_drift', 'adjust_p_values',
            'batch_problems', 'has_labels', 'unit_deviance', 'modelled_target', 'performance_decay', 'pooled_dispersion',
-           'calibration_evidence', 'sample_reference', 'feature_evidence', 'monitor_batch', 'read_incoming',
-           'read_prediction_log', 'should_retrain', 'learnable', 'batch_months']
+           'calibration_summary', 'calibration_evidence', 'sample_reference', 'feature_evidence', 'monitor_batch',
+           'read_incoming', 'read_prediction_log', 'should_retrain', 'learnable', 'batch_months']
 
 # %% ../../nbs/stages/07_monitor.ipynb #c006
 class MonitorParams(StageParams):
@@ -184,11 +184,19 @@ def pooled_dispersion(scored:list[tuple], # (actual, predicted, weight or None) 
     weight = np.concatenate([np.ones(len(rows[0])) if rows[2] is None else rows[2] for rows in scored])
     return dispersion(actual, fitted, weight, power)
 
-def _segment_name(row) -> str:
-    return f"{row['segment']}={row['level']} (A/E {row['ae']:.2f})"
-
 def _gap(ae:float) -> str:
     return f"actual {abs(ae - 1):.0%} {'above' if ae > 1 else 'below'} expected"
+
+def calibration_summary(overall:dict, flagged:pd.DataFrame, overall_off:bool, tolerance:float) -> str:
+    "One line: direction and size of the gap, its interval, and the segments that drive it (largest gap first)."
+    interval = f"A/E {overall['ae']:.3f}, {overall['level']:.0%} CI {overall['ci_low']:.3f}-{overall['ci_high']:.3f}"
+    drivers = [f"{row['segment']}={row['level']} (A/E {row['ae']:.2f})" for _, row in flagged.iterrows()]
+    if overall_off:
+        return f"{_gap(overall['ae'])} ({interval})" + (f"; most in {', '.join(drivers)}" if drivers else "")
+    if drivers:
+        return f"overall {interval}, but " + "; ".join(f"{_gap(row['ae'])} in {row['segment']}={row['level']}"
+                                                        for _, row in flagged.iterrows())
+    return f"{interval}: calibrated (within ±{tolerance:.0%}, or not significantly off)"
 
 def calibration_evidence(segments:pd.DataFrame, # the batch's categorical features (the segmentations), row-aligned
                          actual:np.ndarray,     # the batch's observed modelled target
@@ -196,31 +204,24 @@ def calibration_evidence(segments:pd.DataFrame, # the batch's categorical featur
                          weight:np.ndarray|None, # the declared weight (exposure), or None
                          power:float,           # Tweedie power of the objective
                          params:MonitorParams,
-                         phi:float|None=None,   # the objective's dispersion from more rows (`pooled_dispersion`); None: the batch's
+                         phi:float|None=None,   # the dispersion from more rows (`pooled_dispersion`); None: the batch's
                         ) -> dict:
     "A/E overall and by segment (categorical levels, prediction deciles), whether it is miscalibrated, and why."
-    level = 1 - params.alpha
-    overall = actual_expected(actual, predicted, weight, power, level, phi)
+    overall = actual_expected(actual, predicted, weight, power, 1 - params.alpha, phi)
     overall_off = bool(overall["p_value"] < params.alpha and abs(overall["ae"] - 1) > params.ae_tolerance)
     segmentations = segments.astype(str).reset_index(drop=True).assign(prediction_decile=prediction_deciles(predicted))
-    table = actual_expected_by_segment(segmentations, actual, predicted, weight, power, level, overall["dispersion"])
+    table = actual_expected_by_segment(segmentations, actual, predicted, weight, power, 1 - params.alpha,
+                                       overall["dispersion"])
     tested = table[table["rows"] >= params.min_rows].copy()
     tested["p_adjusted"] = adjust_p_values(tested["p_value"].tolist(), params.correction)
     tested["flagged"] = (tested["p_adjusted"] < params.alpha) & ((tested["ae"] - 1).abs() > params.ae_tolerance)
-    flagged = tested[tested["flagged"]].assign(gap=lambda t: (t["actual"] - t["expected"]).abs()).sort_values("gap", ascending=False)
-    drivers = [_segment_name(row) for _, row in flagged.head(5).iterrows()]
-    interval = f"A/E {overall['ae']:.3f}, {level:.0%} CI {overall['ci_low']:.3f}-{overall['ci_high']:.3f}"
-    if overall_off:
-        summary = f"{_gap(overall['ae'])} ({interval})" + (f"; most in {', '.join(drivers)}" if drivers else "")
-    elif drivers:
-        summary = (f"overall {interval}, but " +
-                   "; ".join(f"{_gap(row['ae'])} in {row['segment']}={row['level']}" for _, row in flagged.head(5).iterrows()))
-    else:
-        summary = f"{interval}: calibrated (within ±{params.ae_tolerance:.0%}, or not significantly off)"
+    flagged = tested[tested["flagged"]]
+    drivers = flagged.loc[(flagged["actual"] - flagged["expected"]).abs().sort_values(ascending=False).index].head(5)
     return {**overall, "miscalibrated": overall_off or bool(len(flagged)), "overall_off": overall_off,
-            "summary": summary, "drivers": drivers, "flagged_segments": len(flagged),
-            "untested_segments": int((table["rows"] < params.min_rows).sum()),
-            "segments": tested.drop(columns="flagged").assign(flagged=tested["flagged"]).replace({np.nan: None}).to_dict(orient="records")}
+            "summary": calibration_summary(overall, drivers, overall_off, params.ae_tolerance),
+            "drivers": [f"{row['segment']}={row['level']} (A/E {row['ae']:.2f})" for _, row in drivers.iterrows()],
+            "flagged_segments": len(flagged), "untested_segments": int((table["rows"] < params.min_rows).sum()),
+            "segments": tested.replace({np.nan: None}).to_dict(orient="records")}
 
 # %% ../../nbs/stages/07_monitor.ipynb #c022
 def sample_reference(reference:pd.DataFrame, rows:int, seed:int) -> pd.DataFrame:
