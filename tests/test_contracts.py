@@ -117,11 +117,12 @@ def test_a_parameters_cell_that_reads_other_sections_than_its_contract_is_named(
 
 def test_a_params_section_read_but_not_declared_is_named(tmp_path):
     project = contract_copy(tmp_path)
-    edit_contract(project, "stages/04_train.ipynb", "params: [data, train]", "params: [train]")
+    edit_contract(project, "stages/04_train.ipynb", "params: [data, features, train]", "params: [features, train]")
     run([CLI, "stages", "generate"], project)
     problems = check_project(project)
     assert problems == [
-        "nbs/stages/04_train.ipynb (stage train): parameters cell reads ['data', 'train'], its contract's params are ['train']",
+        "nbs/stages/04_train.ipynb (stage train): parameters cell reads ['data', 'features', 'train'], its contract's "
+        "params are ['features', 'train']",
         "nbs/stages/04_train.ipynb (stage train): reads params section 'data' (its parameters cell) but its contract's "
         "params do not declare it"], problems
 

@@ -11,6 +11,7 @@ from mlops_notebooks.core.artifacts import file_md5
 from mlops_notebooks.stages.features import select_features, split_by_month
 from mlops_notebooks.stages.generator import CLAIMS_DATA, DriftKnobs, generate_claims
 from mlops_notebooks.stages.monitor import MonitorParams, monitor_batch
+from mlops_notebooks.stages.schema import DataParams
 from mlops_notebooks.stages.train import TrainParams, fit_model
 
 pytestmark = pytest.mark.slow  # `make test-all` (CI) runs it; `make test` does not
@@ -45,7 +46,7 @@ def test_false_alarm_rate_on_stable_months_is_at_most_5_percent_over_20_seeds(ch
         for offset, name in enumerate(["2024-01", "2024-02", "2024-03"]):
             batch = month(name, seed=1000 * seed + offset)  # labelled: the decay check runs too
             verdicts.append(monitor_batch(reference, batch, CLAIMS_DATA, RULES, model, evaluation)["verdict"])
-    assert set(verdicts) <= {"stable", "drift", "degraded"}
+    assert set(verdicts) <= {"stable", "drift", "miscalibrated", "degraded"}
     false_alarms = sum(verdict != "stable" for verdict in verdicts) / len(verdicts)
     assert false_alarms <= 0.05, pd.Series(verdicts).value_counts()
 
@@ -58,7 +59,7 @@ def test_drift_onset_is_flagged_in_its_first_month(champion):
         before = monitor_batch(reference, month("2023-12", 77 + seed, knobs), CLAIMS_DATA, RULES, model, evaluation)
         onset = monitor_batch(reference, month(ONSET, 77 + seed, knobs), CLAIMS_DATA, RULES, model, evaluation)
         assert before["verdict"] == "stable", before["drifted_features"]
-        assert onset["verdict"] in ("drift", "degraded"), seed
+        assert onset["verdict"] in ("drift", "miscalibrated", "degraded"), seed
         assert "line_of_business" in onset["drifted_features"], onset["drifted_features"]
 
 
@@ -74,6 +75,95 @@ def test_decay_is_detected_when_the_costs_are_known(champion):
     unlabelled = monitor_batch(reference, batch.drop(columns="ultimate_cost"), CLAIMS_DATA, RULES, model, evaluation)
     assert not unlabelled["labelled"] and unlabelled["decay"] is None
     assert unlabelled["verdict"] == "stable", unlabelled["drifted_features"]
+
+
+def test_a_cost_trend_with_no_feature_drift_is_flagged_by_actual_expected(champion):
+    "Costs 20% higher and nothing else changed: the deviance hardly moves, actual / expected does."
+    model, evaluation = champion
+    for seed in range(3):
+        reference, _ = history(seed)
+        batch = month(ONSET, 300 + seed, rows=3000)
+        as_it_is = monitor_batch(reference, batch, CLAIMS_DATA, RULES, model, evaluation)
+        assert as_it_is["verdict"] == "stable", as_it_is["calibration"]["summary"]
+        dearer = monitor_batch(reference, batch.assign(ultimate_cost=batch["ultimate_cost"] * 1.2), CLAIMS_DATA, RULES,
+                               model, evaluation)
+        assert dearer["verdict"] == "miscalibrated" and dearer["drifted_features"] == [], dearer["calibration"]["summary"]
+        calibration = dearer["calibration"]
+        assert calibration["ae"] == pytest.approx(1.2 * as_it_is["calibration"]["ae"])
+        assert calibration["ci_low"] > 1 + RULES.ae_tolerance and calibration["p_value"] < RULES.alpha
+        assert calibration["summary"].startswith("actual ") and "% above expected (A/E 1." in calibration["summary"]
+        assert not dearer["decay"]["degraded"], "the deviance check alone would have said stable"
+
+
+def test_the_verdict_file_holds_the_evidence_of_each_segment(champion):
+    model, evaluation = champion
+    reference, _ = history(2)
+    batch = month(ONSET, 41, rows=3000)
+    capital = batch["region"].eq("capital")
+    batch["ultimate_cost"] = np.where(capital, batch["ultimate_cost"] * 1.6, batch["ultimate_cost"])
+    verdict = monitor_batch(reference, batch, CLAIMS_DATA, RULES, model, evaluation)
+    assert verdict["verdict"] == "miscalibrated" and verdict["calibration"]["drivers"][0].startswith("region=capital")
+    segments = {(row["segment"], row["level"]): row for row in verdict["calibration"]["segments"]}
+    assert segments[("region", "capital")]["flagged"] and segments[("region", "capital")]["p_adjusted"] < RULES.alpha
+    assert not segments[("region", "north")]["flagged"]
+    assert {level for segment, level in segments if segment == "prediction_decile"} == {f"d{d:02d}" for d in range(1, 11)}
+    json.dumps(verdict)  # the record is written as JSON
+
+
+# Zero-heavy claim counts with exposure (a claim frequency, as freMTPL2): a shape of data other than the generator's.
+FREQUENCY = DataParams(id="policy", target="claims", weight="exposure", target_per_weight=True, objective="poisson",
+                       categorical=["area", "vehicle"], numeric=["driver_age", "bonus"])
+
+
+def policies(rows: int, seed: int, scale: float = 1.0, first_id: int = 0) -> pd.DataFrame:
+    "Motor policies with their exposure (years) and claim counts, mostly zero; `scale` multiplies the frequency."
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({"policy": np.arange(first_id, first_id + rows), "area": rng.choice(list("ABCDEF"), rows),
+                          "vehicle": rng.choice(["B1", "B2", "B3", "B12"], rows),
+                          "driver_age": rng.integers(18, 90, rows).astype(float),
+                          "bonus": rng.choice([50.0, 60.0, 80.0, 100.0, 150.0], rows),
+                          "exposure": rng.uniform(0.05, 1.0, rows)})
+    frequency = 0.08 * np.exp(0.3 * frame["area"].isin(["E", "F"]) + 0.008 * (frame["bonus"] - 50)
+                              + 0.4 * (frame["driver_age"] < 25))
+    frame["claims"] = rng.poisson(scale * frequency * frame["exposure"])
+    return frame
+
+
+@pytest.fixture(scope="module")
+def frequency_champion():
+    training = select_features(policies(120_000, seed=1), FREQUENCY)
+    evaluation = select_features(policies(20_000, seed=2, first_id=10**6), FREQUENCY)
+    return fit_model(training, FREQUENCY, TrainParams(max_iter=40)), training, evaluation
+
+
+def test_on_zero_heavy_claim_counts_a_higher_frequency_is_flagged_and_a_steady_one_is_not(frequency_champion):
+    model, training, evaluation = frequency_champion
+    for seed in range(3):
+        steady = policies(60_000, seed=10 + seed, first_id=10**7)
+        assert (steady["claims"] == 0).mean() > 0.9
+        judged = monitor_batch(training, steady, FREQUENCY, RULES, model, evaluation)
+        assert judged["verdict"] == "stable", judged["calibration"]["summary"]
+        more = monitor_batch(training, policies(60_000, seed=10 + seed, scale=1.15, first_id=10**7), FREQUENCY, RULES,
+                             model, evaluation)
+        assert more["verdict"] == "miscalibrated", more["calibration"]["summary"]
+        assert 1.05 < more["calibration"]["ae"] < 1.3 and more["calibration"]["actual"] == pytest.approx(
+            policies(60_000, seed=10 + seed, scale=1.15)["claims"].sum())
+
+
+def test_a_year_of_costs_15_percent_higher_is_flagged_and_a_random_half_of_the_training_year_is_not():
+    "The issue's real-like case: two years, a cost trend and no feature drift; the model learned the first year."
+    for seed in range(3):
+        years = generate_claims(24_000, "2023-01", 24, seed=50 + seed)
+        second = years["report_month"] >= "2024-01-01"
+        years.loc[second, "ultimate_cost"] *= 1.15
+        first_year = select_features(years[~second], CLAIMS_DATA)
+        reference, evaluation = split_by_month(first_year, 2)
+        model = fit_model(reference, CLAIMS_DATA, TrainParams(max_iter=60))
+        trend = monitor_batch(reference, years[second], CLAIMS_DATA, RULES, model, evaluation)
+        assert trend["verdict"] == "miscalibrated" and trend["drifted_features"] == [], trend["calibration"]["summary"]
+        assert trend["calibration"]["ci_low"] > 1.05 and "above expected" in trend["calibration"]["summary"]
+        half = years[~second].sample(frac=0.5, random_state=seed)
+        assert monitor_batch(reference, half, CLAIMS_DATA, RULES, model, evaluation)["verdict"] == "stable"
 
 
 def test_bonferroni_and_a_zero_effect_threshold_are_honoured(champion):
@@ -147,7 +237,7 @@ def test_a_labelled_drifted_batch_is_flagged_and_enters_the_training_window(moni
     incoming = monitored / "data/incoming"
     _incoming_batch(monitored, knobs, rows=900).to_parquet(incoming / "2024-01.parquet")
     verdict = _run_monitor(monitored)
-    assert verdict["verdict"] in ("drift", "degraded") and verdict["labelled"]
+    assert verdict["verdict"] in ("drift", "miscalibrated", "degraded") and verdict["labelled"]
     assert verdict["decay"]["relative_change"] < 0
     # The small params hold out 3 test months: a challenger re-trained now would be gated on 2024-01, not trained on it.
     assert verdict["retrain"] is False and verdict["learnable_months"] == []
@@ -155,7 +245,7 @@ def test_a_labelled_drifted_batch_is_flagged_and_enters_the_training_window(moni
     for month in ("2024-02", "2024-03", "2024-04"):  # three more months arrive: 2024-01 moves out of the test months
         _incoming_batch(monitored, knobs, rows=900, start=month).to_parquet(incoming / f"{month}.parquet")
     verdict = _run_monitor(monitored)
-    assert verdict["verdict"] in ("drift", "degraded") and verdict["retrain"] is True
+    assert verdict["verdict"] in ("drift", "miscalibrated", "degraded") and verdict["retrain"] is True
     assert verdict["learnable_months"] == ["2024-01"] and "retrain_deferred" not in verdict
     # What `make retrain` does next: dvc re-runs from ingest (its incoming dependency changed) through the gate.
     status = dvc(monitored, "status", "--with-deps", "register").stdout

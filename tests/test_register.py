@@ -4,11 +4,15 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from conftest import BIN, copy_project, dvc, run, set_params
 from mlflow import MlflowClient
 from mlops_notebooks.core.tracking import read_decision
+from mlops_notebooks.stages.evaluate import cost_metrics
+from mlops_notebooks.stages.features import row_uniform
+from mlops_notebooks.stages.generator import generate_claims
 
 pytestmark = pytest.mark.slow  # `make test-all` (CI) runs it; `make test` does not
 
@@ -66,12 +70,19 @@ def lifecycle(tmp_path_factory):
 
 
 def test_the_first_model_is_promoted_after_sanity_checks(lifecycle):
-    _, steps = lifecycle
+    project, steps = lifecycle
     record, state = steps["first"]
     assert record["outcome"] == "promoted" and record["champion"] is None
     assert [check["check"] for check in record["checks"]] == ["finite_predictions", "plausible_range",
-                                                             "beats_constant_baseline"]
+                                                             "beats_constant_baseline", "calibration"]
     assert state == {"versions": [1], "aliases": {"champion": "1", "challenger": "1"}}
+    # The constant baseline is what a constant model would have learned (the training mean), not the test rows' mean.
+    training_mean = client_for(project).get_run(record["challenger"]["run_id"]).data.metrics["train_mean_target"]
+    baseline = record["checks"][2]["detail"]
+    assert baseline.endswith(f"for the training mean {training_mean:.6g}") and record["rule"]["baseline"] == "the training mean"
+    assert f"{record['challenger']['metrics']['mean_actual']:.6g}" not in baseline
+    calibration = record["checks"][3]
+    assert calibration["passed"] and calibration["detail"].startswith(f"A/E {record['challenger']['metrics']['ae']:.4f}")
 
 
 def test_re_running_register_creates_no_duplicate(lifecycle):
@@ -221,3 +232,82 @@ def test_two_register_runs_at_once_end_with_one_champion(tmp_path):
     assert champion.run_id == better_run, "whichever registered first, the better model must end as champion"
     outcomes = sorted([decision(ordinary)["outcome"], decision(better)["outcome"]])
     assert outcomes in (["kept_champion", "promoted"], ["promoted", "promoted"])
+
+
+def months_of_claims(project: Path, months: list[str], scale: float = 1.0, rows: int = 700):
+    "Labelled months after the small params' training year, in data/incoming/ (ingest appends them)."
+    for offset, month in enumerate(months):
+        batch = generate_claims(rows, month, 1, seed=70 + offset, first_claim_id=10**7 + offset * 10**5)
+        batch.assign(ultimate_cost=batch["ultimate_cost"] * scale).to_csv(project / "data/incoming" / f"{month}.csv",
+                                                                         index=False)
+
+
+def test_a_challenger_whose_actual_expected_is_off_is_never_promoted(tmp_path):
+    "Three newer months whose costs rose 30%, nothing else changed: they are the gate's test months."
+    project = copy_project(tmp_path / "project")
+    months_of_claims(project, ["2024-01", "2024-02", "2024-03"], scale=1.3)
+    dvc(project, "repro")
+    record = decision(project)
+    assert record["outcome"] == "rejected" and record["champion"] is None
+    assert [check["check"] for check in record["checks"] if not check["passed"]] == ["calibration"]
+    calibration = record["checks"][3]
+    assert calibration["detail"].startswith("A/E 1.") and "allowed [0.95, 1.05]" in calibration["detail"]
+    assert 1.15 < record["challenger"]["metrics"]["ae"] < 1.5 and record["rule"]["ae_tolerance"] == 0.05
+    assert registry_state(project)["aliases"] == {"challenger": "1"}, "no champion"
+
+
+def ids(project: Path, part: str) -> set:
+    return set(pd.read_parquet(project / f"data/processed/{part}.parquet", columns=["claim_id"])["claim_id"])
+
+
+def test_the_gate_compares_the_champion_only_on_rows_it_did_not_learn_from(tmp_path):
+    project = copy_project(tmp_path / "project")
+    set_params(project, {"features": {"split": "random", "test_share": 0.2}})
+    dvc(project, "repro")
+    first_train, first_test = ids(project, "train"), ids(project, "test")
+    assert decision(project)["outcome"] == "promoted"
+
+    # A labelled batch arrives: the claims are split again, and no earlier row changes side.
+    months_of_claims(project, ["2024-01"], rows=2000)
+    dvc(project, "repro")
+    assert first_train <= ids(project, "train") and first_test <= ids(project, "test")
+    comparison = decision(project)["champion"]["comparison"]
+    assert comparison["champion_trained_on"] == 0 and comparison["rows"] == len(ids(project, "test"))
+
+    # The test share grows: rows the champion learned from are test rows now, and the gate leaves them out.
+    set_params(project, {"features": {"test_share": 0.4}})
+    dvc(project, "repro")
+    record = decision(project)
+    test = pd.read_parquet(project / "data/processed/test.parquet")
+    learned = row_uniform(test["claim_id"], 0) >= 0.2  # the champion's split: seed 0, test share 0.2
+    assert record["champion"]["comparison"]["champion_trained_on"] == learned.sum() > 0
+    assert record["champion"]["comparison"]["rows"] == (~learned).sum()
+    check = next(check for check in record["checks"] if check["check"].startswith("compared on"))
+    assert check["passed"] and f"{learned.sum()} the champion learned from left out" in check["detail"]
+    client = client_for(project)
+    champion = client.get_model_version(MODEL, str(record["champion"]["version"]))
+    import mlflow
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
+    try:
+        champion_model = mlflow.sklearn.load_model(f"models:/{MODEL}/{champion.version}")
+        # for the last step below: a champion registered by hand, with no record of its training rows
+        by_hand = mlflow.register_model(champion.source, MODEL)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    unseen = test[~learned]
+    features = list(champion_model.feature_names_in_)
+    scored = cost_metrics(unseen["ultimate_cost"].to_numpy(), champion_model.predict(unseen[features]), "gamma")
+    assert record["champion"]["metrics"]["mean_deviance"] == pytest.approx(scored["mean_deviance"])
+
+    # A champion registered by hand, with no record of its training rows: the gate says so and keeps it.
+    client.set_registered_model_alias(MODEL, "champion", by_hand.version)
+    set_params(project, {"train": {"max_iter": 41}})
+    dvc(project, "repro")
+    record = decision(project)
+    assert record["outcome"] == "kept_champion" and record["champion"]["version"] == int(by_hand.version)
+    failed = [check for check in record["checks"] if not check["passed"]]
+    assert len(failed) == 1 and failed[0]["check"] == "compared on >= 100 rows neither model learned from"
+    assert "cannot tell which rows the champion learned from" in failed[0]["detail"]
+    assert record["champion"]["metrics"] == {}
+    assert registry_state(project)["aliases"]["champion"] == str(by_hand.version)

@@ -183,19 +183,22 @@ PARALLEL_ROWS = 256  # from this many rows on, Treelite predicts on every core (
 
 class TreeliteTrees:
     "A scikit-learn booster's trees in Treelite's inference library (GTIL): the booster's sums, in compiled code."
-    def __init__(self, booster):
+    def __init__(self, booster, scale:float=1.0): # scale: the balance factor of a balanced booster (train.balance)
         import treelite
         self.model = treelite.sklearn.import_model(booster)
+        self.scale = scale
         self.compiled: CompiledTrees | None = None  # the same trees as a shared library, once built and checked
 
     def predict(self, matrix:np.ndarray) -> np.ndarray:
-        "Predictions (the loss's inverse link applied) for the booster's input matrix."
+        "Predictions (the loss's inverse link applied, times the balance factor) for the booster's input matrix."
         compiled = self.compiled  # read once: a request sees one predictor
         if compiled is not None:
-            return compiled.predict(matrix)
-        import treelite.gtil
-        threads = 1 if len(matrix) < PARALLEL_ROWS else -1  # -1: every core
-        return treelite.gtil.predict(self.model, matrix, nthread=threads).reshape(-1)
+            predicted = compiled.predict(matrix)
+        else:
+            import treelite.gtil
+            threads = 1 if len(matrix) < PARALLEL_ROWS else -1  # -1: every core
+            predicted = treelite.gtil.predict(self.model, matrix, nthread=threads).reshape(-1)
+        return predicted * self.scale if self.scale != 1.0 else predicted
 
 class CompiledTrees:
     "The trees compiled to C by TL2cgen and loaded as a shared library."
@@ -259,7 +262,7 @@ def compile_trees(champion:Champion, folder:Path|str) -> bool:
     matrix, expected = champion.fast.probe
     try:
         compiled = CompiledTrees(compiled_library(trees, folder))
-        predicted = compiled.predict(matrix)
+        predicted = compiled.predict(matrix) * trees.scale
     except Exception as error:  # a broken toolchain or library costs speed, not the service
         log.warning("%s version %s: compiling the trees failed, Treelite's interpreter keeps serving: %s",
                     champion.name, champion.version, error)
@@ -273,11 +276,13 @@ def compile_trees(champion:Champion, folder:Path|str) -> bool:
 def treelite_trees(booster, matrix:np.ndarray, expected:np.ndarray) -> TreeliteTrees|None:
     "Treelite's copy of a scikit-learn booster if it predicts `expected` on `matrix` to 10 digits; else None."
     from sklearn.ensemble import HistGradientBoostingRegressor
+    scale = float(getattr(booster, "balance_factor_", 1.0))  # a balanced booster (train.balance): its trees, rescaled
+    booster = getattr(booster, "estimator_", booster)
     if not isinstance(booster, HistGradientBoostingRegressor):
         return None  # XGBoost already predicts in compiled code
     import treelite
     try:
-        trees = TreeliteTrees(booster)
+        trees = TreeliteTrees(booster, scale)
     except treelite.TreeliteError as error:  # a booster this Treelite cannot read: the booster serves itself
         log.warning("serving with scikit-learn's own predictor: Treelite cannot import the booster: %s", error)
         return None

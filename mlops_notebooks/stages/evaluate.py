@@ -10,6 +10,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import pandas as pd
 from pydantic import Field
+from scipy import stats
 from sklearn.metrics import d2_tweedie_score, mean_absolute_error, mean_squared_error, mean_tweedie_deviance, r2_score
 
 from ..core.settings import DataError, StageParams
@@ -17,7 +18,8 @@ from .schema import DEVIANCE_POWER, DataParams
 
 # %% auto #0
 __all__ = ['MetricName', 'METRIC_DIRECTIONS', 'EvaluateParams', 'lorenz_curve', 'gini', 'deviance_power', 'cost_metrics',
-           'error_by_group', 'feature_importance']
+           'dispersion', 'actual_expected', 'prediction_deciles', 'actual_expected_by_segment', 'error_by_group',
+           'feature_importance']
 
 # %% ../../nbs/stages/05_evaluate.ipynb #c004
 MetricName = Literal["mean_deviance", "d2", "gini", "r2", "mae", "rmse"]
@@ -80,7 +82,99 @@ def cost_metrics(actual:np.ndarray,     # observed values of the modelled target
         "gini": gini(actual, predicted, weight),
         "mean_actual": float(np.average(actual, weights=weight)),
         "mean_predicted": float(np.average(predicted, weights=weight)),
+        "ae": float(np.average(actual, weights=weight) / np.average(predicted, weights=weight)),  # actual / expected
     }
+
+# %% ../../nbs/stages/05_evaluate.ipynb #e002
+def _ae_table(actual_total:np.ndarray,   # per group: sum of w * y
+              expected_total:np.ndarray, # sum of w * prediction
+              model_sum:np.ndarray,      # sum of w * prediction^p (times dispersion: the objective's variance)
+              spread_null:np.ndarray,    # sum of w^2 (y - prediction)^2
+              spread_fitted:np.ndarray,  # sum of w^2 (y - A/E * prediction)^2
+              dispersion:float, power:float, level:float) -> dict:
+    "A/E, its interval and the p-value of A/E = 1 for arrays of groups (one group: arrays of length 1)."
+    z = stats.norm.ppf(0.5 + level / 2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ae = np.where(expected_total > 0, actual_total / expected_total, np.nan)
+        null_sd = np.sqrt(np.maximum(spread_null, dispersion * model_sum))
+        p_value = np.where(null_sd > 0, 2 * stats.norm.sf(np.abs(actual_total - expected_total) / null_sd),
+                           np.where(actual_total == expected_total, 1.0, 0.0))
+        fitted_sd = np.sqrt(np.maximum(spread_fitted, dispersion * np.abs(ae) ** power * model_sum))
+        log_se = fitted_sd / actual_total  # the standard error of log(A/E), by the delta method
+        positive = actual_total > 0
+        ci_low = np.where(positive, ae * np.exp(-z * log_se), 0.0)
+        ci_high = np.where(positive, ae * np.exp(z * log_se), z * null_sd / expected_total)
+    usable = expected_total > 0
+    return {"ae": ae, "ci_low": np.where(usable, ci_low, np.nan), "ci_high": np.where(usable, ci_high, np.nan),
+            "p_value": np.where(usable, p_value, 1.0)}
+
+def dispersion(actual:np.ndarray,   # observed values of the modelled target
+               predicted:np.ndarray, # predictions at the rows' own level (A/E times the model's)
+               weight:np.ndarray|None=None, power:float=0.0) -> float:
+    "Pearson's estimate of the objective's dispersion: sum of w (y - mu)^2 / mu^p per degree of freedom."
+    actual, predicted = np.asarray(actual, dtype=float), np.asarray(predicted, dtype=float)
+    weight = np.ones_like(actual) if weight is None else np.asarray(weight, dtype=float)
+    if len(actual) < 2:
+        return 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pearson = weight * (actual - predicted) ** 2 / np.abs(predicted) ** power
+    return float(np.sum(pearson[np.isfinite(pearson)]) / (len(actual) - 1))
+
+def actual_expected(actual:np.ndarray,     # observed values of the modelled target
+                    predicted:np.ndarray,  # the model's predictions
+                    weight:np.ndarray|None=None, # exposure, when declared
+                    power:float=0.0,       # Tweedie power of the objective (0 squared error, 1 Poisson, 2 Gamma)
+                    level:float=0.95,      # of the confidence interval
+                    phi:float|None=None,   # the objective's dispersion, when estimated from more rows; None: from these
+                   ) -> dict:
+    "Actual / expected (weighted totals), its confidence interval, the p-value of A/E = 1 and the dispersion."
+    actual, predicted = np.asarray(actual, dtype=float), np.asarray(predicted, dtype=float)
+    weight = np.ones_like(actual) if weight is None else np.asarray(weight, dtype=float)
+    actual_total, expected_total = float(np.sum(weight * actual)), float(np.sum(weight * predicted))
+    # the predictions at the observed level (with nothing observed, as they are: the spread of nothing is no estimate)
+    fitted = (actual_total / expected_total if expected_total > 0 and actual_total > 0 else 1.0) * predicted
+    phi = dispersion(actual, fitted, weight, power) if phi is None else phi
+    interval = _ae_table(np.array([actual_total]), np.array([expected_total]),
+                         np.array([np.sum(weight * np.maximum(predicted, 0) ** power)]),
+                         np.array([np.sum((weight * (actual - predicted)) ** 2)]),
+                         np.array([np.sum((weight * (actual - fitted)) ** 2)]), phi, power, level)
+    return {"ae": float(interval["ae"][0]), "ci_low": float(interval["ci_low"][0]), "ci_high": float(interval["ci_high"][0]),
+            "level": level, "p_value": float(interval["p_value"][0]), "actual": actual_total, "expected": expected_total,
+            "rows": len(actual), "weight": float(np.sum(weight)), "dispersion": phi}
+
+# %% ../../nbs/stages/05_evaluate.ipynb #e006
+def prediction_deciles(predicted:np.ndarray) -> np.ndarray:
+    "The decile of each prediction among all of them, as labels d01 (lowest) .. d10."
+    ranks = pd.Series(predicted).rank(method="first").to_numpy()
+    decile = np.minimum((10 * (ranks - 1) / max(len(ranks), 1)).astype(int), 9) + 1
+    return np.array([f"d{number:02d}" for number in range(1, 11)])[decile - 1]
+
+def actual_expected_by_segment(segments:pd.DataFrame, # one column per segmentation (e.g. a categorical feature), row-aligned
+                               actual:np.ndarray, predicted:np.ndarray, weight:np.ndarray|None=None,
+                               power:float=0.0, level:float=0.95,
+                               phi:float|None=None, # the batch's dispersion; None: estimated from these rows
+                              ) -> pd.DataFrame:
+    "One row per (segmentation, level): rows, weight, actual and expected totals, A/E, its interval and p-value."
+    actual, predicted = np.asarray(actual, dtype=float), np.asarray(predicted, dtype=float)
+    weight = np.ones_like(actual) if weight is None else np.asarray(weight, dtype=float)
+    phi = actual_expected(actual, predicted, weight, power, level, phi)["dispersion"]
+    # Sums from which every segment's totals and spreads follow: sum w^2 (y - r p)^2 = yy - 2 r yp + r^2 pp.
+    sums = pd.DataFrame({"weight": weight, "actual": weight * actual, "expected": weight * predicted,
+                         "model": weight * np.maximum(predicted, 0) ** power, "yy": (weight * actual) ** 2,
+                         "yp": weight ** 2 * actual * predicted, "pp": (weight * predicted) ** 2})
+    columns = ["segment", "level", "rows", "weight", "actual", "expected", "ae", "ci_low", "ci_high", "p_value"]
+    tables = []
+    for name in segments.columns:
+        grouped = sums.groupby(segments[name].astype(str).to_numpy())
+        table = grouped.sum()
+        table["rows"] = grouped.size()
+        ratio = (table["actual"] / table["expected"]).fillna(1.0)
+        def spread(r):
+            return (table["yy"] - 2 * r * table["yp"] + r ** 2 * table["pp"]).clip(lower=0).to_numpy()
+        interval = _ae_table(table["actual"].to_numpy(), table["expected"].to_numpy(), table["model"].to_numpy(),
+                             spread(1.0), spread(ratio), phi, power, level)
+        tables.append(table.assign(**interval, segment=name).rename_axis("level").reset_index()[columns])
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=columns)
 
 # %% ../../nbs/stages/05_evaluate.ipynb #c010
 def error_by_group(frame:pd.DataFrame, data:DataParams, predicted:np.ndarray) -> pd.DataFrame:

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+import numpy as np
 import pandas as pd
 from pydantic import Field
-from sklearn.model_selection import train_test_split
 
 from ..core.settings import DataError, ParamsError, StageParams
 from .schema import DataParams
 
 # %% auto #0
-__all__ = ['FeaturesParams', 'split_by_month', 'keep_window', 'split_claims', 'select_features']
+__all__ = ['FeaturesParams', 'row_uniform', 'split_by_month', 'keep_window', 'split_claims', 'training_record', 'trained_rows',
+           'select_features']
 
 # %% ../../nbs/stages/03_features.ipynb #c004
 class FeaturesParams(StageParams):
@@ -28,6 +29,14 @@ class FeaturesParams(StageParams):
     window_months: int = Field(0, ge=0)            # time split: train on the last N months before the test; 0 = all
 
 # %% ../../nbs/stages/03_features.ipynb #c006
+def row_uniform(ids:pd.Series, # the row ids
+                seed:int,       # the split's seed
+               ) -> np.ndarray:
+    "A number in [0, 1) per row: a keyed hash of its id (as text) and the seed, the same wherever it is computed."
+    key = format(seed % 10**16, "016d")  # SipHash takes a 16-character key
+    hashed = pd.util.hash_pandas_object(ids.astype(str), index=False, hash_key=key).to_numpy()
+    return (hashed >> np.uint64(11)).astype("float64") / 2.0**53  # the top 53 bits: every value a float holds exactly
+
 def split_by_month(claims:pd.DataFrame, # claims with a period column
                    test_months:int,     # latest months to hold out
                    period:str="report_month", # the period column
@@ -53,13 +62,43 @@ def split_claims(claims:pd.DataFrame, data:DataParams, params:FeaturesParams) ->
     if params.split == "random":
         if params.window_months:
             raise ParamsError("params.yaml: features.window_months needs features.split: time")
-        train, test = train_test_split(claims, test_size=params.test_share, random_state=params.seed)
-        return train.reset_index(drop=True), test.reset_index(drop=True)
+        is_test = row_uniform(claims[data.id], params.seed) < params.test_share
+        return claims[~is_test].reset_index(drop=True), claims[is_test].reset_index(drop=True)
     if not data.period:
         raise ParamsError("params.yaml: features.split=time needs a period column (data.period); "
                           "use features.split: random for data without one")
     train, test = split_by_month(claims, params.test_months, data.period)
     return keep_window(train, params.window_months, data.period), test
+
+# %% ../../nbs/stages/03_features.ipynb #f002
+def training_record(train, # a model's training rows, or the train stage's summary of them (first and last period)
+                    data:DataParams, params:FeaturesParams) -> dict:
+    "How the training rows were chosen: the random split's seed and test share, or the time split's first and last period."
+    if params.split == "random":
+        return {"split": "random", "seed": params.seed, "test_share": params.test_share}
+    if isinstance(train, pd.DataFrame):
+        first, last = train[data.period].min(), train[data.period].max()
+    else:
+        first, last = train.first_period, train.last_period
+    return {"split": "time", "period": data.period, "first": str(first), "last": str(last)}
+
+def trained_rows(frame:pd.DataFrame, # rows with the declared id and period
+                 data:DataParams,
+                 record:dict|None,   # a model's `training_record`, None when unknown
+                ) -> np.ndarray|None:
+    "Which rows of `frame` the model may have learned from (None when its record cannot tell)."
+    if not record:
+        return None
+    if record.get("split") == "random":
+        return row_uniform(frame[data.id], int(record["seed"])) >= float(record["test_share"])
+    if record.get("split") == "time" and data.period and record.get("period") == data.period:
+        periods = frame[data.period]
+        try:  # the recorded periods back in the column's own type (dates, integers, periods)
+            first, last = pd.Series([record["first"], record["last"]]).astype(periods.dtype)
+        except (TypeError, ValueError):
+            return None
+        return ((periods >= first) & (periods <= last)).to_numpy()
+    return None
 
 # %% ../../nbs/stages/03_features.ipynb #c009
 def select_features(claims:pd.DataFrame, data:DataParams) -> pd.DataFrame:

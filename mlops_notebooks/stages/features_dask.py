@@ -12,7 +12,7 @@ import pandas as pd
 
 from ..core.cluster import ClusterFile, as_cluster_file, read_on_cluster, stream_parts
 from ..core.settings import DataError, ParamsError
-from .features import FeaturesParams, select_features
+from .features import FeaturesParams, row_uniform, select_features
 from .schema import DataParams
 
 # %% auto #0
@@ -43,7 +43,7 @@ def split_partition(part:pd.DataFrame, # one partition of the validated claims
     "(train, test) rows of one partition, after `select_features`."
     selected = select_features(part, data)
     if params.split == "random":
-        is_test = np.random.default_rng([params.seed, number]).random(len(selected)) < params.test_share
+        is_test = row_uniform(selected[data.id], params.seed) < params.test_share
         is_train = ~is_test
     else:
         is_test = (selected[data.period] >= plan["first_test"]).to_numpy()

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timezone
 from typing import ClassVar, Literal
 
@@ -13,10 +14,11 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from ..core.settings import StageParams
-from .evaluate import METRIC_DIRECTIONS, cost_metrics, deviance_power
+from .evaluate import METRIC_DIRECTIONS, actual_expected, cost_metrics, deviance_power
 
 # %% auto #0
-__all__ = ['RegisterParams', 'relative_improvement', 'sanity_checks', 'decide', 'provenance', 'apply_provenance']
+__all__ = ['RegisterParams', 'relative_improvement', 'sanity_checks', 'decide', 'recorded_training_rows', 'comparison_summary',
+           'provenance', 'apply_provenance']
 
 # %% ../../nbs/stages/06_register.ipynb #c005
 def _known_metric(name:str) -> str:
@@ -32,6 +34,8 @@ class RegisterParams(StageParams):
     min_relative_improvement: float = Field(0.01, ge=0, le=1) # e.g. 0.01: at least 1% better than the champion
     guard_tolerances: dict[str, float] = {}                   # metric -> largest relative worsening allowed
     max_prediction_ratio: float = Field(10.0, gt=1)           # no prediction above this times the largest observed cost
+    ae_tolerance: float = Field(0.05, ge=0, lt=1)             # the challenger's A/E must lie in [1 - this, 1 + this]
+    min_comparison_rows: int = Field(100, ge=1)               # rows neither model learned from, at least, to compare them
     promote_from: list[Literal["clean", "dirty", "experiment"]] = ["clean"]  # provenances that may move @champion (below)
 
     @field_validator("primary_metric")
@@ -61,6 +65,7 @@ def sanity_checks(actual:np.ndarray,    # observed costs of the evaluation data
                   predicted:np.ndarray, # the challenger's predictions on it
                   rule:RegisterParams,
                   deviance:str|float,   # the deviance models are scored with (a name or a Tweedie power)
+                  training_mean:float,  # the (weighted) mean target of the challenger's training rows
                   weight:np.ndarray|None=None, # the declared weight (exposure) of each row
                  ) -> list[dict]:
     "Each check as `{check, passed, detail}`; metrics are computed only when predictions are usable."
@@ -73,15 +78,19 @@ def sanity_checks(actual:np.ndarray,    # observed costs of the evaluation data
     in_range = finite and float(predicted.min()) >= 0 and largest <= ceiling
     checks.append({"check": "plausible_range", "passed": bool(in_range),
                    "detail": f"predictions in [{float(np.nanmin(predicted)):.4g}, {largest:.4g}], allowed [0, {ceiling:.4g}]"})
-    if in_range:
-        model = cost_metrics(actual, np.maximum(predicted, 1e-9), deviance, weight)[rule.primary_metric]
-        mean = np.average(actual, weights=weight)
-        constant = cost_metrics(actual, np.full_like(actual, mean, dtype=float), deviance, weight)[rule.primary_metric]
-        beats = _better(METRIC_DIRECTIONS[rule.primary_metric], model, constant)
-        checks.append({"check": "beats_constant_baseline", "passed": bool(beats),
-                       "detail": f"{rule.primary_metric} {model:.6g} vs constant mean {constant:.6g}"})
-    else:
-        checks.append({"check": "beats_constant_baseline", "passed": False, "detail": "not computed: predictions unusable"})
+    if not in_range:
+        return checks + [{"check": name, "passed": False, "detail": "not computed: predictions unusable"}
+                         for name in ("beats_constant_baseline", "calibration")]
+    model = cost_metrics(actual, np.maximum(predicted, 1e-9), deviance, weight)[rule.primary_metric]
+    constant = cost_metrics(actual, np.full_like(actual, max(training_mean, 1e-9), dtype=float), deviance,
+                            weight)[rule.primary_metric]
+    beats = _better(METRIC_DIRECTIONS[rule.primary_metric], model, constant)
+    checks.append({"check": "beats_constant_baseline", "passed": bool(beats),
+                   "detail": f"{rule.primary_metric} {model:.6g} vs {constant:.6g} for the training mean {training_mean:.6g}"})
+    ae = actual_expected(actual, predicted, weight, deviance_power(deviance))
+    low, high = 1 - rule.ae_tolerance, 1 + rule.ae_tolerance
+    checks.append({"check": "calibration", "passed": bool(low <= ae["ae"] <= high),
+                   "detail": f"A/E {ae['ae']:.4f} (95% CI {ae['ci_low']:.4f}-{ae['ci_high']:.4f}), allowed [{low:.4g}, {high:.4g}]"})
     return checks
 
 # %% ../../nbs/stages/06_register.ipynb #c011
@@ -92,7 +101,13 @@ def decide(challenger:dict,       # {"version", "run_id", "metrics", "sanity"}
     "The decision record: `outcome` is `promoted`, `kept_champion` or `rejected`."
     checks = list(challenger["sanity"])
     sane = all(check["passed"] for check in checks)
-    if champion is not None and sane:
+    compared = champion is not None and sane
+    if compared:
+        comparison = champion.get("comparison") or {"rows": None, "detail": "not recorded"}
+        compared = comparison["rows"] is not None and comparison["rows"] >= rule.min_comparison_rows
+        checks.append({"check": f"compared on >= {rule.min_comparison_rows} rows neither model learned from",
+                       "passed": bool(compared), "detail": comparison["detail"]})
+    if compared:
         new, old = challenger["metrics"], champion["metrics"]
         gain = relative_improvement(rule.primary_metric, new[rule.primary_metric], old[rule.primary_metric])
         checks.append({"check": f"{rule.primary_metric} improves by >= {rule.min_relative_improvement:.2%}",
@@ -112,11 +127,37 @@ def decide(challenger:dict,       # {"version", "run_id", "metrics", "sanity"}
         "rule": {"primary_metric": rule.primary_metric, "deviance": rule.deviance,
                  "min_relative_improvement": rule.min_relative_improvement,
                  "guard_tolerances": rule.guard_tolerances, "max_prediction_ratio": rule.max_prediction_ratio,
-                 "without_champion": "sanity checks only"},
+                 "ae_tolerance": rule.ae_tolerance, "min_comparison_rows": rule.min_comparison_rows,
+                 "baseline": "the training mean", "without_champion": "sanity checks only"},
         "checks": checks,
         "challenger": {key: challenger[key] for key in ("version", "run_id", "metrics")},
-        "champion": None if champion is None else {key: champion[key] for key in ("version", "run_id", "metrics")},
+        "champion": None if champion is None else {key: champion.get(key) for key in ("version", "run_id", "metrics", "comparison")},
     }
+
+# %% ../../nbs/stages/06_register.ipynb #r004
+def recorded_training_rows(tags:dict) -> dict|None:
+    "A registered version's training record from its lineage tags (older versions: a time split's window), or None."
+    if "lineage.training_rows" in tags:
+        return json.loads(tags["lineage.training_rows"])
+    if tags.get("lineage.params.features.split") == "random":  # the split's params are in its lineage
+        return {"split": "random", "seed": int(tags["lineage.params.features.seed"]),
+                "test_share": float(tags["lineage.params.features.test_share"])}
+    window = re.fullmatch(r"(\d{4}-\d{2})\.\.(\d{4}-\d{2})", tags.get("lineage.training_window", ""))
+    period = tags.get("lineage.params.data.period", "")
+    if window and period:
+        return {"split": "time", "period": period, "first": f"{window[1]}-01", "last": f"{window[2]}-01"}
+    return None
+
+def comparison_summary(learned:np.ndarray|None, # which evaluation rows the champion may have learned from; None: unknown
+                      ) -> dict:
+    "How many evaluation rows the two models can be compared on, and a line saying so."
+    if learned is None:
+        return {"rows": None, "champion_trained_on": None,
+                "detail": "cannot tell which rows the champion learned from (its version records no training rows): "
+                          "not compared; to start afresh, move the champion alias by hand"}
+    rows, trained = int((~learned).sum()), int(learned.sum())
+    return {"rows": rows, "champion_trained_on": trained,
+            "detail": f"{rows} of {len(learned)} evaluation rows; {trained} the champion learned from left out"}
 
 # %% ../../nbs/stages/06_register.ipynb #c013b
 def provenance(git_dirty:list,    # `lineage.git_dirty` of the training run and of the gate's tree: "true", "false", "unknown"

@@ -14,6 +14,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import pandas as pd
 from pydantic import Field
+from sklearn.base import BaseEstimator, RegressorMixin, clone
 from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.model_selection import KFold
@@ -25,7 +26,8 @@ from .schema import DataParams
 
 # %% auto #0
 __all__ = ['MODEL_ARTIFACT_NAME', 'TrainParams', 'build_booster', 'check_levels', 'build_model', 'feature_frame', 'sample_weight',
-           'fit_model', 'TrainingSummary', 'gap_rows', 'summarize_training', 'model_requirements', 'log_training_run']
+           'BalancedRegressor', 'balance_predictions', 'final_estimator', 'fit_model', 'TrainingSummary', 'gap_rows',
+           'summarize_training', 'model_requirements', 'log_training_run']
 
 # %% ../../nbs/stages/04_train.ipynb #c004
 class TrainParams(StageParams):
@@ -40,6 +42,7 @@ class TrainParams(StageParams):
     max_categories: int = Field(64, ge=2, le=255)  # levels a categorical feature keeps as its own (see below)
     min_category_rows: int = Field(100, ge=1)      # a level seen in fewer training rows joins the 'other' level
     high_cardinality: Literal["other", "target", "refuse"] = "other"  # a feature with more than max_categories levels
+    balance: bool = True                      # rescale predictions so their training total is the actual total
     seed: int = 0
 
 # %% ../../nbs/stages/04_train.ipynb #c006
@@ -110,15 +113,52 @@ def sample_weight(frame:pd.DataFrame, data:DataParams) -> np.ndarray|None:
     "The declared weight (exposure) of each row, or None."
     return frame[data.weight].to_numpy(dtype="float64") if data.weight else None
 
+# %% ../../nbs/stages/04_train.ipynb #t002
+class BalancedRegressor(RegressorMixin, BaseEstimator):
+    "A regressor whose predictions are rescaled so that their (weighted) total on the training rows is the actual total."
+    def __init__(self, estimator=None):
+        self.estimator = estimator
+
+    def fit(self, X, y, sample_weight=None):
+        self.estimator_ = clone(self.estimator).fit(X, y, sample_weight=sample_weight)
+        return self._balance(X, y, sample_weight)
+
+    def _balance(self, X, y, sample_weight=None):
+        predicted_total = np.average(self.estimator_.predict(X), weights=sample_weight)
+        if not predicted_total > 0:
+            raise DataError(f"the predictions' training total is {predicted_total:.4g}: no balance factor "
+                            "(use train.balance: false for a target that can be negative)")
+        self.balance_factor_ = float(np.average(y, weights=sample_weight) / predicted_total)
+        return self
+
+    def predict(self, X):
+        return self.estimator_.predict(X) * self.balance_factor_
+
+def balance_predictions(model:Pipeline,       # a fitted encoding + booster pipeline
+                        train:pd.DataFrame,   # its training rows
+                        data:DataParams) -> Pipeline:
+    "The same pipeline with its fitted booster wrapped in a `BalancedRegressor` balanced on the training rows."
+    encode, booster = model.steps[0][1], model.steps[-1][1]
+    balanced = BalancedRegressor(booster)
+    balanced.estimator_ = booster  # already fitted: only the factor is learned here
+    balanced._balance(encode.transform(feature_frame(train, data)), train[data.model_target].to_numpy(dtype=float),
+                      sample_weight(train, data))
+    return Pipeline([(model.steps[0][0], encode), (model.steps[-1][0], balanced)])
+
+def final_estimator(model:Pipeline):
+    "The fitted booster of a pipeline, inside its `BalancedRegressor` when there is one."
+    last = model.steps[-1][1]
+    return last.estimator_ if isinstance(last, BalancedRegressor) else last
+
 def fit_model(train:pd.DataFrame, data:DataParams, params:TrainParams) -> Pipeline:
-    "Fit the pipeline on the training rows, weighted by the declared weight."
+    "Fit the pipeline on the training rows, weighted by the declared weight (and balanced when `train.balance`)."
     if len(train) == 0:
         raise DataError("the training set is empty")
     levels = {column: int(train[column].nunique()) for column in data.categorical}
     check_levels(levels, len(train), params)
     model = build_model(data, params, levels)
-    return model.fit(feature_frame(train, data), train[data.model_target],
-                     model__sample_weight=sample_weight(train, data))
+    model.fit(feature_frame(train, data), train[data.model_target], model__sample_weight=sample_weight(train, data))
+    return balance_predictions(model, train, data) if params.balance else model
 
 # %% ../../nbs/stages/04_train.ipynb #c008t
 @dataclass(frozen=True)
@@ -151,7 +191,7 @@ MODEL_ARTIFACT_NAME = "model"
 def model_requirements(model:Pipeline|None=None) -> list[str]:
     "Pinned pip requirements of the logged model, from the running environment."
     packages = ["scikit-learn", "pandas", "numpy", "cloudpickle"]
-    if model is not None and type(model[-1]).__module__.startswith("xgboost"):
+    if model is not None and type(final_estimator(model)).__module__.startswith("xgboost"):
         packages.append("xgboost-cpu")
     return [f"{package}=={version(package)}" for package in packages]
 

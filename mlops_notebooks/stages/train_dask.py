@@ -10,15 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.pipeline import Pipeline
 
 from ..core.cluster import ClusterFile, as_cluster_file, read_on_cluster
 from ..core.settings import DataError, ParamsError
 from .schema import DataParams
-from .train import (TrainParams, TrainingSummary, build_booster, build_model, check_levels,
-                                          feature_frame, gap_rows)
+from .train import (BalancedRegressor, TrainParams, TrainingSummary, build_booster, build_model,
+                                          check_levels, feature_frame, gap_rows)
 
 # %% auto #0
-__all__ = ['encoder_sample', 'fit_encoder', 'fit_on_cluster', 'summarize_on_cluster']
+__all__ = ['encoder_sample', 'fit_encoder', 'fit_on_cluster', 'summarize_on_cluster', 'balance_on_cluster']
 
 # %% ../../nbs/stages/dask/04_train.ipynb #c024
 def encoder_sample(counts:pd.Series, params) -> np.ndarray:
@@ -106,3 +107,23 @@ def summarize_on_cluster(train_path:Path|str|ClusterFile, # the training split, 
     return TrainingSummary(rows=int(totals["rows"]), mean_target=float(totals["weighted"] / totals["weights"]),
                            first_period=totals.get("first"), last_period=totals.get("last"),
                            inputs=sample.astype(as_pandas))
+
+# %% ../../nbs/stages/dask/04_train.ipynb #c031
+def balance_on_cluster(model:Pipeline, # the pipeline `fit_on_cluster` returned
+                       train_path:Path|str|ClusterFile, # the training split, or where the workers read it
+                       data:DataParams) -> Pipeline:
+    "The pipeline with its booster in a `BalancedRegressor`, its factor from totals computed on the cluster."
+    train = _training_rows(train_path)
+    def totals(part):
+        weight = part[data.weight].to_numpy(dtype=float) if data.weight else np.ones(len(part))
+        predicted = model.predict(part[data.features]) if len(part) else np.zeros(0)
+        return pd.DataFrame({"actual": [float((part[data.model_target].to_numpy(dtype=float) * weight).sum())],
+                             "predicted": [float((predicted * weight).sum())]})
+    sums = train.map_partitions(totals, meta={"actual": "float64", "predicted": "float64"}).sum().compute()
+    if not sums["predicted"] > 0:
+        raise DataError(f"the predictions' training total is {sums['predicted']:.4g}: no balance factor "
+                        "(use train.balance: false for a target that can be negative)")
+    booster = model.steps[-1][1]
+    balanced = BalancedRegressor(booster)
+    balanced.estimator_, balanced.balance_factor_ = booster, float(sums["actual"] / sums["predicted"])
+    return Pipeline([model.steps[0], (model.steps[-1][0], balanced)])

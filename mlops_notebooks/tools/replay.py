@@ -17,10 +17,10 @@ from pydantic import Field, field_validator, model_validator
 
 from ..core.settings import ParamsError, StageParams
 from ..stages.evaluate import cost_metrics
-from ..stages.features import FeaturesParams, select_features, split_claims
+from ..stages.features import FeaturesParams, select_features, split_claims, trained_rows, training_record
 from ..stages.generator import DriftKnobs, generate_claims
-from ..stages.monitor import MonitorParams, learnable, monitor_batch, should_retrain
-from ..stages.register import RegisterParams, decide, sanity_checks
+from ..stages.monitor import FLAGGED, MonitorParams, learnable, monitor_batch, should_retrain
+from ..stages.register import RegisterParams, comparison_summary, decide, sanity_checks
 from ..stages.schema import DataParams, check_month
 from ..stages.train import TrainParams, feature_frame, fit_model, sample_weight
 
@@ -62,27 +62,39 @@ class Candidate:
     reference: pd.DataFrame   # its training split: the monitor's reference
     evaluation: pd.DataFrame  # its evaluation split
     trained_until: str        # the last month of its training data
+    training: dict            # how its training rows were chosen (`training_record`), as the train stage records it
+    training_mean: float      # the (weighted) mean target of its training rows: the gate's constant baseline
 
 def train_candidate(pool:pd.DataFrame, version:int, data:DataParams, split:FeaturesParams, train:TrainParams) -> Candidate:
     "Split the labelled claims (time split, window) and fit a model on the training part."
     reference, evaluation = split_claims(pool, data, split)
     model = fit_model(reference, data, train)
-    return Candidate(version, model, reference, evaluation, str(reference[data.period].max()))  # a period: 2024-03
+    return Candidate(version, model, reference, evaluation, str(reference[data.period].max()),  # a period: 2024-03
+                     training_record(reference, data, split),
+                     float(np.average(reference[data.model_target], weights=sample_weight(reference, data))))
 
 def gate(challenger:Candidate, champion:Candidate|None, data:DataParams, rule:RegisterParams) -> dict:
-    "The registry gate's decision on the challenger, both scored on the challenger's evaluation split."
+    "The registry gate's decision on the challenger, both scored on the rows of its evaluation split the champion did not learn from."
     deviance = data.deviance_power if rule.deviance == "objective" else rule.deviance
     evaluation = challenger.evaluation
     actual, weight = evaluation[data.model_target].to_numpy(dtype=float), sample_weight(evaluation, data)
     predicted = challenger.model.predict(feature_frame(evaluation, data))
-    sanity = sanity_checks(actual, predicted, rule, deviance, weight)
+    sanity = sanity_checks(actual, predicted, rule, deviance, challenger.training_mean, weight)
     usable = all(check["passed"] for check in sanity[:2])
     entry = {"version": challenger.version, "run_id": f"replay-{challenger.version}", "sanity": sanity,
              "metrics": cost_metrics(actual, predicted, deviance, weight) if usable else {}}
     held = None
     if champion is not None:
-        held = {"version": champion.version, "run_id": f"replay-{champion.version}",
-                "metrics": cost_metrics(actual, champion.model.predict(feature_frame(evaluation, data)), deviance, weight)}
+        learned = trained_rows(evaluation, data, champion.training)
+        held = {"version": champion.version, "run_id": f"replay-{champion.version}", "metrics": {},
+                "comparison": comparison_summary(learned)}
+        if held["comparison"]["rows"]:
+            keep = ~learned
+            kept_weight = None if weight is None else weight[keep]
+            held["metrics"] = cost_metrics(actual[keep], champion.model.predict(feature_frame(evaluation[keep], data)),
+                                           deviance, kept_weight)
+            if usable:
+                entry["metrics"] = cost_metrics(actual[keep], predicted[keep], deviance, kept_weight)
     return decide(entry, held, rule)
 
 def monthly_error(model, batch:pd.DataFrame, data:DataParams) -> float:
@@ -119,7 +131,8 @@ def replay_months(params:ReplayParams, data:DataParams, train:TrainParams, rule:
                "error_never": monthly_error(never, batch, data), "error_loop": monthly_error(champion.model, batch, data)}
         verdict = monitor_batch(champion.reference, claims, data, monitor, champion.model, champion.evaluation)
         row.update({"verdict": verdict["verdict"], "drifted_features": len(verdict["drifted_features"]),
-                    "decay": verdict["decay"]["relative_change"] if verdict["decay"] else None})
+                    "decay": verdict["decay"]["relative_change"] if verdict["decay"] else None,
+                    "ae": verdict["calibration"]["ae"] if verdict["calibration"] else None})
         pool = pd.concat([pool, batch], ignore_index=True)
         wanted = should_retrain(verdict["verdict"], monitor.retrain)
         if wanted:
@@ -153,9 +166,9 @@ def plot_timeline(timeline:pd.DataFrame, drift_start:str=""):
     x = np.arange(len(timeline))
     axis.plot(x, timeline["error_never"], marker="o", color="tab:gray", label="never re-trained")
     axis.plot(x, timeline["error_loop"], marker="o", color="tab:blue", label="with the loop (monitor, re-train, gate)")
-    flagged = timeline["verdict"].isin(["drift", "degraded"]).to_numpy()
+    flagged = timeline["verdict"].isin(FLAGGED).to_numpy()
     axis.scatter(x[flagged], timeline["error_loop"][flagged], marker="x", s=80, color="tab:red", zorder=3,
-                 label="monitor flags drift / decay")
+                 label="monitor flags drift / miscalibration / decay")
     for position in x[(timeline["outcome"] == "promoted").to_numpy()]:
         axis.axvline(position + 0.5, color="tab:green", linestyle="--", linewidth=1)
     axis.plot([], [], color="tab:green", linestyle="--", label="new champion from the next month")
@@ -187,7 +200,7 @@ def write_replay(timeline:pd.DataFrame, decisions:list[dict], output:Path|str, d
 def summarise(timeline:pd.DataFrame) -> dict:
     "The figures of a replay: detection delay, false alarms, months the loop did worse, promotions."
     drifted, stable = timeline[timeline["drift_on"]], timeline[~timeline["drift_on"]]
-    flagged = drifted["verdict"].isin(["drift", "degraded"]).to_numpy()
+    flagged = drifted["verdict"].isin(FLAGGED).to_numpy()
     return {"months": len(timeline), "drifted_months": len(drifted),
             "detection_delay_months": int(np.argmax(flagged)) if flagged.any() else None,
             "false_alarms": int((stable["verdict"] != "stable").sum()), "stable_months": len(stable),
