@@ -27,14 +27,32 @@ for _variable, _value in MLFLOW_RETRY_DEFAULTS.items():
     os.environ.setdefault(_variable, _value)
 
 # %% auto #0
-__all__ = ['MLFLOW_RETRY_DEFAULTS', 'ENV_PREFIX', 'NUMBER_SETTINGS', 'TRACKING_SCHEMES', 'UserError', 'ParamsError', 'DataError',
-           'ServiceUnreachable', 'describe_outage', 'brief_user_errors', 'project_root', 'Settings',
-           'read_settings_file', 'parse_number', 'check_tracking_uri', 'load_settings', 'StageParams', 'section_model',
-           'parse_params', 'check_tracking_reachable', 'configure_mlflow']
+__all__ = ['MLFLOW_RETRY_DEFAULTS', 'MAX_MESSAGE', 'ENV_PREFIX', 'NUMBER_SETTINGS', 'TRACKING_SCHEMES', 'shown', 'cut',
+           'UserError', 'ParamsError', 'DataError', 'ServiceUnreachable', 'describe_outage', 'brief_user_errors',
+           'project_root', 'Settings', 'read_settings_file', 'parse_number', 'check_tracking_uri', 'load_settings',
+           'StageParams', 'section_model', 'parse_params', 'check_tracking_reachable', 'local_store',
+           'open_existing_store', 'configure_mlflow']
 
 # %% ../../nbs/core/00_settings.ipynb #c005
+MAX_MESSAGE = 2000  # characters of an error message; the rest is left out (its length is said)
+
+def shown(value, limit:int=80) -> str:
+    "`repr(value)`, cut to `limit` characters: what a message quotes of a value that may be huge."
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+def cut(text:str, limit:int=MAX_MESSAGE) -> str:
+    "`text` whole, or its start and end with how much was left out between them."
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    kept = limit - 60
+    return f"{text[:kept - 200]} ... ({len(text) - kept:,} characters left out) ... {text[-200:]}"
+
 class UserError(Exception):
     "An error the user can fix: bad data, a bad param or setting, a missing file. The message says what and where."
+    def __init__(self, message:str="", *args):
+        super().__init__(cut(message), *args)
 
 class ParamsError(UserError):
     "A `params.yaml` section has an unknown key, a missing key or a wrongly typed value."
@@ -134,6 +152,16 @@ class Settings:
 ENV_PREFIX = "MLOPS_"
 
 # %% ../../nbs/core/00_settings.ipynb #c012b
+def _settings_problem(error:configparser.Error) -> str:
+    "What configparser found wrong, in a few words with the line."
+    if isinstance(error, configparser.MissingSectionHeaderError):
+        return f"line {error.lineno} comes before any section header: the settings go under [mlops]"
+    if isinstance(error, configparser.DuplicateOptionError):
+        return f"line {error.lineno}: '{error.option}' is given twice in [{error.section}]"
+    if isinstance(error, configparser.DuplicateSectionError):
+        return f"line {error.lineno}: the section [{error.section}] is given twice"
+    return f"{type(error).__name__}: {shown(str(error).splitlines()[0], 200)}"
+
 def read_settings_file(path:Path) -> dict:
     "The `[mlops]` section of a settings file as a dict; `UserError` for a missing or malformed file."
     parser = configparser.ConfigParser()
@@ -141,8 +169,7 @@ def read_settings_file(path:Path) -> dict:
         if not parser.read(path, encoding="utf-8"):
             raise UserError(f"{path}: settings file not found")
     except configparser.Error as error:
-        first_line = str(error).splitlines()[0]
-        raise UserError(f"{path}: not a valid settings file ({type(error).__name__}: {first_line})") from None
+        raise UserError(f"{path}: not a valid settings file ({_settings_problem(error)})") from None
     except UnicodeDecodeError as error:
         raise UserError(f"{path}: not UTF-8 text (byte {error.start})") from None
     if "mlops" not in parser:
@@ -241,7 +268,7 @@ def section_model(section:str) -> type[StageParams]:
 # %% ../../nbs/core/00_settings.ipynb #c016b
 def _describe(error:dict, section:str) -> str:
     "One line for one pydantic error: `section.key.sub: problem (got value)`."
-    where = ".".join([section, *[str(part) for part in error["loc"]]])
+    where = cut(".".join([section, *[str(part) for part in error["loc"]]]), 120)  # a key, too, can be huge
     if error["type"] == "extra_forbidden":
         return f"{where}: unknown key"
     if error["type"] == "missing":
@@ -250,9 +277,7 @@ def _describe(error:dict, section:str) -> str:
     message = message[0].lower() + message[1:]
     if not error["loc"]:  # a rule across keys: the section itself is the input, too long to echo
         return f"{where}: {message}"
-    shown = repr(error.get("input"))
-    shown = shown if len(shown) <= 80 else shown[:77] + "..."  # a value can be megabytes: echo its start
-    return f"{where}: {message} (got {shown})"
+    return f"{where}: {message} (got {shown(error.get('input'))})"  # a value can be megabytes: echo its start
 
 def parse_params(model:type[StageParams], # the stage's params model
                  section:str,             # its section name in params.yaml
@@ -280,20 +305,45 @@ def check_tracking_reachable(tracking_uri:str, timeout:float=5.0):
                                  f"unreachable ({type(error).__name__})") from None
 
 # %% ../../nbs/core/00_settings.ipynb #c021
+def local_store(tracking_uri:str) -> Path|None:
+    "The file of a SQLite store or the folder of a file store; None for a server or a database elsewhere."
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri[len("sqlite:///"):])
+    if tracking_uri.startswith("file:"):
+        from urllib.parse import urlsplit
+        from urllib.request import url2pathname
+        return Path(url2pathname(urlsplit(tracking_uri).path))
+    return None
+
 def _store_lock(tracking_uri:str):
     "A lock beside a SQLite store (two processes creating its tables at once collide); no lock otherwise."
     from contextlib import nullcontext
     from filelock import FileLock
+    store = local_store(tracking_uri)
     if tracking_uri.startswith("sqlite:///"):
-        return FileLock(tracking_uri[len("sqlite:///"):] + ".init.lock", timeout=300)
+        if not store.parent.is_dir():  # a mistyped path: FileLock would make its folders, MLflow a store in them
+            raise UserError(f"tracking_uri {tracking_uri}: the folder {store.parent} does not exist "
+                            "(settings.ini tracking_uri / MLFLOW_TRACKING_URI)")
+        return FileLock(str(store) + ".init.lock", timeout=300)
     return nullcontext()
+
+def open_existing_store(settings:Settings):
+    "Point MLflow at the tracking store for a command that only reads; `UserError` when a local store is not there."
+    import mlflow
+    check_tracking_reachable(settings.tracking_uri)
+    store = local_store(settings.tracking_uri)
+    if store is not None and not store.exists():
+        raise UserError(f"no MLflow tracking store at {store} (settings.ini tracking_uri / MLFLOW_TRACKING_URI is "
+                        f"{settings.tracking_uri}): run the pipeline first (`make pipeline`), or correct the URI")
+    mlflow.set_tracking_uri(settings.tracking_uri)
 
 def configure_mlflow(settings:Settings, root:Path) -> str:
     "Point MLflow at `settings.tracking_uri`, create the experiment if needed, make it active; return its id."
     import mlflow
     check_tracking_reachable(settings.tracking_uri)
+    lock = _store_lock(settings.tracking_uri)  # before MLflow opens (and so creates) the store
     mlflow.set_tracking_uri(settings.tracking_uri)
-    with _store_lock(settings.tracking_uri):  # the first call creates a new store's tables
+    with lock:  # the first call creates a new store's tables
         experiment = mlflow.get_experiment_by_name(settings.experiment_name)
         if experiment is None:
             local = settings.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in settings.tracking_uri
