@@ -295,6 +295,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                               'mlops_notebooks/core/settings.py'),
                                                'mlops_notebooks.core.settings.open_existing_store': ( 'core/settings.html#open_existing_store',
                                                                                                       'mlops_notebooks/core/settings.py'),
+                                               'mlops_notebooks.core.settings.parse_flag': ( 'core/settings.html#parse_flag',
+                                                                                             'mlops_notebooks/core/settings.py'),
                                                'mlops_notebooks.core.settings.parse_number': ( 'core/settings.html#parse_number',
                                                                                                'mlops_notebooks/core/settings.py'),
                                                'mlops_notebooks.core.settings.parse_params': ( 'core/settings.html#parse_params',

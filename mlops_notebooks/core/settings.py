@@ -27,10 +27,10 @@ for _variable, _value in MLFLOW_RETRY_DEFAULTS.items():
     os.environ.setdefault(_variable, _value)
 
 # %% auto #0
-__all__ = ['MLFLOW_RETRY_DEFAULTS', 'MAX_MESSAGE', 'ENV_PREFIX', 'NUMBER_SETTINGS', 'TRACKING_SCHEMES', 'shown', 'cut',
-           'UserError', 'ParamsError', 'DataError', 'ServiceUnreachable', 'describe_outage', 'brief_user_errors',
-           'project_root', 'Settings', 'read_settings_file', 'parse_number', 'check_tracking_uri', 'load_settings',
-           'StageParams', 'section_model', 'parse_params', 'check_tracking_reachable', 'local_store',
+__all__ = ['MLFLOW_RETRY_DEFAULTS', 'MAX_MESSAGE', 'ENV_PREFIX', 'NUMBER_SETTINGS', 'FLAG_SETTINGS', 'TRACKING_SCHEMES', 'shown',
+           'cut', 'UserError', 'ParamsError', 'DataError', 'ServiceUnreachable', 'describe_outage', 'brief_user_errors',
+           'project_root', 'Settings', 'read_settings_file', 'parse_flag', 'parse_number', 'check_tracking_uri',
+           'load_settings', 'StageParams', 'section_model', 'parse_params', 'check_tracking_reachable', 'local_store',
            'open_existing_store', 'configure_mlflow']
 
 # %% ../../nbs/core/00_settings.ipynb #c005
@@ -42,12 +42,14 @@ def shown(value, limit:int=80) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 def cut(text:str, limit:int=MAX_MESSAGE) -> str:
-    "`text` whole, or its start and end with how much was left out between them."
+    "`text` whole, or cut to `limit` characters: a long one keeps its start and end and says how much went."
     text = str(text)
     if len(text) <= limit:
         return text
-    kept = limit - 60
-    return f"{text[:kept - 200]} ... ({len(text) - kept:,} characters left out) ... {text[-200:]}"
+    if limit < 400:  # a name, a key: its start is enough
+        return text[:limit - 3] + "..."
+    head, tail = limit - 300, 200
+    return f"{text[:head]} ... ({len(text) - head - tail:,} characters left out) ... {text[-tail:]}"
 
 class UserError(Exception):
     "An error the user can fix: bad data, a bad param or setting, a missing file. The message says what and where."
@@ -143,6 +145,7 @@ class Settings:
     prediction_log: str = "predictions.db"   # the service's append-only prediction log (SQLite), under the root
     champion_snapshot: str = ".serving/champion.pkl"  # the service's copy of its last champion, for a fast restart
     max_records_per_request: int = 10_000    # larger prediction requests are refused (413)
+    check_input_ranges: bool = True          # the service and `score` refuse inputs outside params.yaml's validate.ranges
     dvc_remote: str = "dvc-storage"          # DVC remote: a folder (under the root) or s3://bucket/prefix
     s3_endpoint_url: str = ""                # S3-compatible endpoint of an s3:// remote; '' = AWS itself
     dask_scheduler: str = ""                 # Dask scheduler (tls://host:port or tcp://); '' = pandas in process
@@ -182,6 +185,15 @@ NUMBER_SETTINGS = {  # name: (type, smallest, largest)
     "max_records_per_request": (int, 1, 10_000_000),
     "model_poll_seconds": (float, 0.05, 86_400.0),
 }
+
+FLAG_SETTINGS = ("check_input_ranges",)
+
+def parse_flag(raw:str, origin:str) -> bool:
+    "A yes/no setting from its text; `UserError` naming `origin` for anything else."
+    words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+    if str(raw).strip().lower() not in words:
+        raise UserError(f"{origin} must be true or false, got {shown(raw)}")
+    return words[str(raw).strip().lower()]
 
 def _origin(name:str, path:Path, environ) -> str:
     variable = ENV_PREFIX + name.upper()
@@ -233,6 +245,8 @@ def load_settings(root:Path|str|None=None, # project root; found from the curren
         values[field.name] = field.default if raw is None or raw == "" else raw
     for name in NUMBER_SETTINGS:
         values[name] = parse_number(name, str(values[name]), _origin(name, path, environ))
+    for name in FLAG_SETTINGS:
+        values[name] = parse_flag(values[name], _origin(name, path, environ))
     uri_origin = ("MLFLOW_TRACKING_URI (from the environment)" if "MLFLOW_TRACKING_URI" in environ
                   else _origin("tracking_uri", path, environ))
     uri = check_tracking_uri(environ.get("MLFLOW_TRACKING_URI", values["tracking_uri"]), uri_origin)
