@@ -657,6 +657,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                     'mlops_notebooks/stages/register.py'),
                                                  'mlops_notebooks.stages.register.apply_provenance': ( 'stages/register.html#apply_provenance',
                                                                                                        'mlops_notebooks/stages/register.py'),
+                                                 'mlops_notebooks.stages.register.calibration_against_champion': ( 'stages/register.html#calibration_against_champion',
+                                                                                                                   'mlops_notebooks/stages/register.py'),
                                                  'mlops_notebooks.stages.register.comparison_summary': ( 'stages/register.html#comparison_summary',
                                                                                                          'mlops_notebooks/stages/register.py'),
                                                  'mlops_notebooks.stages.register.decide': ( 'stages/register.html#decide',
