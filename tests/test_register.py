@@ -9,7 +9,7 @@ import pytest
 import yaml
 from conftest import BIN, copy_project, dvc, run, set_params
 from mlflow import MlflowClient
-from mlops_notebooks.core.tracking import read_decision
+from mlops_notebooks.core.tracking import decision_history, read_decision
 from mlops_notebooks.stages.evaluate import cost_metrics
 from mlops_notebooks.stages.features import row_uniform
 from mlops_notebooks.stages.generator import generate_claims
@@ -167,7 +167,24 @@ def test_audit_matches_the_registry(lifecycle):
     assert json.loads(audit(project, champion.run_id, "--json").stdout)["version"] == 3
     text = audit(project, f"models:/{MODEL}/2").stdout
     assert text.splitlines()[0] == f"{MODEL} version 2  [challenger]" or text.splitlines()[0] == f"{MODEL} version 2"
-    assert "decision   kept_champion" in text and "FAIL  mean_deviance improves" in text
+    assert "decision 1 of 1   kept_champion" in text and "FAIL  mean_deviance improves" in text
+
+
+def test_re_running_register_appends_to_the_decision_history(lifecycle):
+    "The audit trail is append-only: a second decision on version 1 keeps the promotion that made it champion."
+    project, _ = lifecycle
+    client = client_for(project)
+    tags = client.get_model_version(MODEL, "1").tags
+    history = decision_history(tags, client)
+    assert [entry["record"]["outcome"] for entry in history] == ["promoted", "already_champion"]
+    assert tags["decision.count"] == "2" and tags["decision.1.outcome"] == "promoted"
+    assert tags["decision.promotion"] == history[0]["artifact"] != history[1]["artifact"]
+    assert tags["decision.outcome"] == "already_champion", "the latest decision's summary"
+    report = json.loads(audit(project, f"models:/{MODEL}/1", "--json").stdout)
+    assert report["promotion"] == 1 and [entry["number"] for entry in report["decisions"]] == [1, 2]
+    text = audit(project, f"models:/{MODEL}/1").stdout
+    assert "decision 1 of 2   promoted" in text and "(made it the champion)" in text
+    assert "decision 2 of 2   already_champion" in text
 
 
 def test_audit_refuses_what_it_cannot_find(lifecycle):
