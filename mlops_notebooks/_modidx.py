@@ -9,6 +9,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                      'mlops_notebooks/core/artifacts.py'),
                                                 'mlops_notebooks.core.artifacts.atomic_path': ( 'core/artifacts.html#atomic_path',
                                                                                                 'mlops_notebooks/core/artifacts.py'),
+                                                'mlops_notebooks.core.artifacts.big_integers_as_text': ( 'core/artifacts.html#big_integers_as_text',
+                                                                                                         'mlops_notebooks/core/artifacts.py'),
                                                 'mlops_notebooks.core.artifacts.dvc_locked_hashes': ( 'core/artifacts.html#dvc_locked_hashes',
                                                                                                       'mlops_notebooks/core/artifacts.py'),
                                                 'mlops_notebooks.core.artifacts.file_md5': ( 'core/artifacts.html#file_md5',

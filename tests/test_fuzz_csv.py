@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from mlops_notebooks.core.artifacts import read_parquet, write_json, write_parquet
@@ -125,6 +125,8 @@ def project(tmp_path_factory):
 @settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                     HealthCheck.too_slow])
 @given(content=damaged_csv())
+@example(content=policies(30, 0).astype(object).assign(policy_id=["9999999999999999999999", *range(2, 31)])
+         .to_csv(index=False).encode())  # an id larger than int64: found on a fresh clone (#25)
 def test_each_damaged_csv_is_accepted_or_refused_with_one_clear_message(project, content):
     root = Path(tempfile.mkdtemp(dir=project))  # hypothesis may replay the same content
     (root / "data/sources").mkdir(parents=True)
@@ -169,3 +171,15 @@ def test_the_fuzzer_produces_both_outcomes(tmp_path):
     policies(50, 0).drop(columns=["exposure"]).to_csv(bad / "data/sources/policies.csv", index=False)
     with pytest.raises(UserError, match="declared column\\(s\\) missing: 'exposure' \\(data.weight\\)"):
         run_stages(bad)
+
+
+def test_an_id_larger_than_int64_is_kept_as_text(tmp_path):
+    "Ids are identifiers: a column of whole numbers too large for 64 bits is read as text, stored and validated."
+    (tmp_path / "data/sources").mkdir(parents=True)
+    frame = policies(30, 0).astype(object)
+    frame.loc[3, "policy_id"] = "9999999999999999999999"
+    frame.to_csv(tmp_path / "data/sources/policies.csv", index=False)
+    clean, quarantine = run_stages(tmp_path)
+    assert len(clean) == 30 and len(quarantine) == 0
+    assert clean["policy_id"].tolist()[2:5] == ["3", "9999999999999999999999", "5"]
+    assert read_parquet(tmp_path / OUTPUTS[0], made_by="ingest")["policy_id"].iloc[3] == "9999999999999999999999"

@@ -21,9 +21,9 @@ import yaml
 from .settings import DataError
 
 # %% auto #0
-__all__ = ['NEWLINE', 'TABLE_SUFFIXES', 'DVC_EXPERIMENT', 'new_file_mode', 'atomic_path', 'atomic_directory', 'write_parquet',
-           'write_json', 'read_parquet', 'first_non_utf8', 'read_table', 'incoming_files', 'file_md5', 'git_state',
-           'dvc_locked_hashes', 'flatten', 'lineage_tags']
+__all__ = ['NEWLINE', 'INT64_MIN', 'UINT64_MAX', 'TABLE_SUFFIXES', 'DVC_EXPERIMENT', 'new_file_mode', 'atomic_path',
+           'atomic_directory', 'write_parquet', 'write_json', 'read_parquet', 'first_non_utf8', 'big_integers_as_text',
+           'read_table', 'incoming_files', 'file_md5', 'git_state', 'dvc_locked_hashes', 'flatten', 'lineage_tags']
 
 # %% ../../nbs/core/01_artifacts.ipynb #c004
 @cache
@@ -115,6 +115,17 @@ def first_non_utf8(path:Path) -> str|None:
             offset, line = offset + len(good), line + good.count(NEWLINE)
     return f"a character cut short at byte {offset:,}, the end of the file" if carry else None
 
+# %% ../../nbs/core/01_artifacts.ipynb #c007c2
+INT64_MIN, UINT64_MAX = -(1 << 63), (1 << 64) - 1
+
+def big_integers_as_text(table:pd.DataFrame) -> pd.DataFrame:
+    "`table` with each column holding a whole number outside 64 bits turned into text (the others as they are)."
+    for column in table.columns[table.dtypes == object]:
+        too_big = table[column].map(lambda value: isinstance(value, int) and not INT64_MIN <= value <= UINT64_MAX)
+        if too_big.any():
+            table[column] = table[column].map(str, na_action="ignore").astype("str")
+    return table
+
 # %% ../../nbs/core/01_artifacts.ipynb #c007e
 def _csv_header(path:Path) -> list:
     "The first row of a CSV; `DataError` for a column name given twice (pandas would rename it `a.1`)."
@@ -162,7 +173,7 @@ def read_table(path:Path|str,          # a .csv or .parquet file
         raise DataError(f"{path}: cannot read it as {suffix[1:]}: {str(error).splitlines()[0][:200]}") from None
     if table.columns.duplicated().any():
         raise DataError(f"{path}: repeated column name(s): {', '.join(map(str, table.columns[table.columns.duplicated()]))}")
-    return table
+    return big_integers_as_text(table)
 
 # %% ../../nbs/core/01_artifacts.ipynb #c007h
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
