@@ -499,6 +499,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                 'mlops_notebooks/serving/serve.py'),
                                                'mlops_notebooks.serving.serve.make_champion': ( 'serving/serve.html#make_champion',
                                                                                                 'mlops_notebooks/serving/serve.py'),
+                                               'mlops_notebooks.serving.serve.model_inputs': ( 'serving/serve.html#model_inputs',
+                                                                                               'mlops_notebooks/serving/serve.py'),
                                                'mlops_notebooks.serving.serve.parse_records': ( 'serving/serve.html#parse_records',
                                                                                                 'mlops_notebooks/serving/serve.py'),
                                                'mlops_notebooks.serving.serve.probe_records': ( 'serving/serve.html#probe_records',

@@ -323,6 +323,25 @@ def test_batch_scoring_writes_predictions_with_the_model_version(service, projec
     assert missing.returncode == 2 and "nowhere.csv: file not found" in missing.stderr
 
 
+def test_batch_scoring_takes_claims_as_ingest_takes_them(project, tmp_path):
+    "The project's own source format (the generator's: booleans in injury/litigation, a month, the target) scores as "
+    "the pipeline reads it: booleans as 0/1, the other columns kept as they came."
+    from mlops_notebooks.stages.generator import generate_claims
+    raw = generate_claims(200, "2024-01", 1, seed=5)
+    assert raw["injury"].dtype == bool and raw["litigation"].dtype == bool
+    raw.to_csv(tmp_path / "raw.csv", index=False)
+    raw.to_parquet(tmp_path / "raw.parquet")
+    as_trained = raw[FEATURES].astype({"injury": "float64", "litigation": "float64"})
+    expected = champion_predictions(project, 1, json.loads(as_trained.to_json(orient="records")))
+    for source in ("raw.csv", "raw.parquet"):
+        result = run([str(BIN / "mlops-notebooks"), "score", str(tmp_path / source), str(tmp_path / f"{source}.scored.parquet")],
+                     project, check=False)
+        assert result.returncode == 0, (source, result.stderr)
+        scored = pd.read_parquet(tmp_path / f"{source}.scored.parquet")
+        assert np.allclose(scored["prediction"], expected, rtol=1e-10), source
+        assert scored["injury"].dtype == bool and scored["claim_id"].tolist() == raw["claim_id"].tolist(), source
+
+
 # ---------------------------------------------------------------- hot swap, restart, kill -9
 
 def test_hot_swap_under_load_then_restart(service, project, tmp_path):

@@ -40,7 +40,7 @@ __all__ = ['log', 'MAX_EXACT_INTEGER', 'PARALLEL_ROWS', 'LINEAGE_SUMMARY', 'SNAP
            'Champion', 'probe_records', 'make_champion', 'champion_from_columns', 'lineage_summary', 'champion_version',
            'artifact_checksum', 'version_checksum', 'load_champion', 'write_snapshot', 'read_snapshot',
            'ChampionWatcher', 'PredictionLog', 'parse_records', 'create_app', 'registry_client', 'build_service',
-           'serve', 'score_frame', 'score_file']
+           'serve', 'score_frame', 'model_inputs', 'score_file']
 
 # %% ../../nbs/serving/00_serve.ipynb #c005
 MAX_EXACT_INTEGER = 2**53
@@ -780,20 +780,7 @@ def score_frame(champion:Champion, claims:pd.DataFrame, source:str="claims") -> 
         raise DataError(f"{source}: missing model input column(s): {', '.join(missing)}")
     if len(claims) == 0:
         raise DataError(f"{source}: no rows to score")
-    inputs = claims[names].astype(object).where(claims[names].notna(), None)
-    for column in champion.columns:
-        if column.kind in _NUMBER_KINDS and not pd.api.types.is_numeric_dtype(claims[column.name]):
-            # One unreadable cell makes pandas read a CSV column as text: take the cells that are numbers as
-            # numbers, so that only the bad ones are reported.
-            numbers = pd.to_numeric(claims[column.name], errors="coerce")
-            inputs[column.name] = numbers.astype(object).where(numbers.notna(), inputs[column.name])
-    records = inputs.to_dict("records")
-    for record in records:  # numpy scalars from pandas to plain Python values, as JSON would give them
-        for name, value in record.items():
-            if isinstance(value, np.generic):
-                record[name] = value.item()
-            if isinstance(value, float) and value.is_integer() and _kind(champion, name) in ("long", "integer"):
-                record[name] = int(value)
+    records = model_inputs(champion, claims)
     try:
         champion.validator.validate_python(records)
     except ValidationError as error:
@@ -808,6 +795,32 @@ def score_frame(champion:Champion, claims:pd.DataFrame, source:str="claims") -> 
     scored["model_version"] = champion.version
     scored["scored_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return scored
+
+def model_inputs(champion:Champion,  # whose contract says each input's type
+                 claims:pd.DataFrame, # claims as read from a file, every input column present
+                ) -> list[dict]:
+    "The claims' model inputs as records, with the validate stage's coercions applied (missing values as None)."
+    names = [column.name for column in champion.columns]
+    inputs = claims[names].astype(object).where(claims[names].notna(), None)
+    for column in champion.columns:
+        values = claims[column.name]
+        if column.kind in _NUMBER_KINDS and pd.api.types.is_bool_dtype(values):
+            inputs[column.name] = values.astype("float64").astype(object)  # True/False as 1/0, as validate reads them
+        elif column.kind in _NUMBER_KINDS and not pd.api.types.is_numeric_dtype(values):
+            # One unreadable cell makes pandas read a CSV column as text (booleans with a gap, as objects): take the
+            # cells that are numbers (or booleans) as numbers, so that only the bad ones are reported.
+            numbers = pd.to_numeric(values, errors="coerce")
+            inputs[column.name] = numbers.astype(object).where(numbers.notna(), inputs[column.name])
+        elif column.kind == "string" and not pd.api.types.is_string_dtype(values):
+            inputs[column.name] = values.map(str, na_action="ignore").astype(object).where(values.notna(), None)
+    records = inputs.to_dict("records")
+    for record in records:  # numpy scalars from pandas to plain Python values, as JSON would give them
+        for name, value in record.items():
+            if isinstance(value, np.generic):
+                record[name] = value.item()
+            if isinstance(value, float) and value.is_integer() and _kind(champion, name) in ("long", "integer"):
+                record[name] = int(value)
+    return records
 
 def _kind(champion:Champion, name:str) -> str:
     return next(column.kind for column in champion.columns if column.name == name)
