@@ -447,8 +447,7 @@ SNAPSHOT_FORMAT = 2  # 2: with the model's checksum (a format-1 snapshot is not 
 
 def write_snapshot(champion:Champion, path:Path|str, registry:str):
     "Keep the champion just loaded from `registry` (a tracking URI) on local disk, for the next start."
-    import pickle
-
+    import cloudpickle
     import sklearn
     from mlops_notebooks.core.artifacts import atomic_path
     path = Path(path)
@@ -457,7 +456,7 @@ def write_snapshot(champion:Champion, path:Path|str, registry:str):
             "version": champion.version, "run_id": champion.run_id, "checksum": champion.checksum,
             "model": champion.model, "columns": champion.columns, "lineage": champion.lineage}
     with atomic_path(path) as temporary:
-        temporary.write_bytes(pickle.dumps(kept, protocol=pickle.HIGHEST_PROTOCOL))
+        temporary.write_bytes(cloudpickle.dumps(kept))  # a class defined in a stage notebook is in __main__ there
 
 def read_snapshot(path:Path|str, registry:str, name:str) -> Champion|None:
     "The champion this service last loaded from `registry`, or None (no snapshot, or one it cannot trust)."
