@@ -68,12 +68,12 @@ def free_port() -> int:
 
 class Service:
     "`mlops-notebooks serve` in a project, started as a subprocess and stopped by its pid."
-    def __init__(self, project: Path, poll_seconds: float = 30.0):
+    def __init__(self, project: Path, poll_seconds: float = 30.0, env: dict | None = None):
         self.project, self.port = project, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(project / f"service-{self.port}.log", "w")
         env = {**project_env(), "MLOPS_MODEL_POLL_SECONDS": str(poll_seconds),
-               "MLOPS_MAX_RECORDS_PER_REQUEST": str(MAX_RECORDS)}
+               "MLOPS_MAX_RECORDS_PER_REQUEST": str(MAX_RECORDS), **(env or {})}
         self.process = subprocess.Popen([str(BIN / "mlops-notebooks"), "serve", "--port", str(self.port)],
                                         cwd=project, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.pid = self.process.pid
@@ -340,6 +340,38 @@ def test_batch_scoring_takes_claims_as_ingest_takes_them(project, tmp_path):
         scored = pd.read_parquet(tmp_path / f"{source}.scored.parquet")
         assert np.allclose(scored["prediction"], expected, rtol=1e-10), source
         assert scored["injury"].dtype == bool and scored["claim_id"].tolist() == raw["claim_id"].tolist(), source
+
+
+def test_inputs_outside_the_declared_ranges_are_refused_unless_switched_off(service, project, tmp_path):
+    "params.yaml's validate.ranges hold at serve and score time (settings.ini check_input_ranges, on by default)."
+    good = sample_records(project, 1)[0]
+    answer = post(service.url, [good, {**good, "policyholder_age": -5}, {**good, "sum_insured": -1.5}])
+    assert answer.status_code == 422, answer.text
+    problem = answer.json()
+    assert "policyholder_age" in problem["detail"] and "-5" in problem["detail"] and "16 to 110" in problem["detail"]
+    assert [(error["record"], error["field"], error["input"]) for error in problem["errors"]] == [
+        (1, "policyholder_age", "-5"), (2, "sum_insured", "-1.5")]
+    assert "at least 0" in problem["errors"][1]["problem"]
+    assert post(service.url, {**good, "policyholder_age": 16}).status_code == 200, "the bounds are inclusive"
+
+    claims = pd.read_parquet(project / "data/processed/test.parquet").head(50)
+    claims.loc[3, "policyholder_age"] = -5
+    claims.to_csv(tmp_path / "negative.csv", index=False)
+    score = [str(BIN / "mlops-notebooks"), "score", str(tmp_path / "negative.csv"), str(tmp_path / "scored.csv")]
+    refused = run(score, project, check=False)
+    message = refused.stderr.strip().splitlines()[-1]  # (above it, MLflow's download progress)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert "negative.csv: 1 value(s) outside params.yaml's validate.ranges: row 3 column 'policyholder_age'" in message
+    assert message.endswith("allowed 16 to 110 (got -5)"), message
+    assert not (tmp_path / "scored.csv").exists()
+
+    switched_off = {"MLOPS_CHECK_INPUT_RANGES": "false"}
+    assert run(score, project, env=switched_off).returncode == 0 and len(pd.read_csv(tmp_path / "scored.csv")) == 50
+    unchecked = Service(project, env=switched_off)
+    try:
+        assert post(unchecked.url, {**good, "policyholder_age": -5}).status_code == 200
+    finally:
+        assert unchecked.stop() == 0, unchecked.output()
 
 
 # ---------------------------------------------------------------- hot swap, restart, kill -9

@@ -28,16 +28,17 @@ from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_confi
 from typing_extensions import TypedDict  # pydantic needs typing_extensions' on Python < 3.12
 
 from ..core.predictions import INSERT_PREDICTION, log_rows, open_log, read_prediction_log
-from ..core.settings import DataError, Settings, UserError
+from ..core.settings import DataError, ParamsError, Settings, UserError
 
 log = logging.getLogger("mlops_notebooks.serving.serve")
 
 # %% auto #0
-__all__ = ['log', 'MAX_EXACT_INTEGER', 'PARALLEL_ROWS', 'LINEAGE_SUMMARY', 'SNAPSHOT_FORMAT', 'LOG_QUEUE_LIMIT',
+__all__ = ['log', 'MAX_EXACT_INTEGER', 'RANGES', 'PARALLEL_ROWS', 'LINEAGE_SUMMARY', 'SNAPSHOT_FORMAT', 'LOG_QUEUE_LIMIT',
            'MAX_BYTES_PER_RECORD', 'InputColumn', 'input_specs', 'signature_columns', 'spec_columns',
-           'encoder_categories', 'record_validator', 'describe_errors', 'FastEncoding', 'booster_threads',
-           'TreeliteTrees', 'CompiledTrees', 'c_compiler', 'compiled_library', 'compile_trees', 'treelite_trees',
-           'Champion', 'probe_records', 'make_champion', 'champion_from_columns', 'lineage_summary', 'champion_version',
+           'encoder_categories', 'record_validator', 'describe_errors', 'declared_ranges', 'input_ranges',
+           'allowed_range', 'out_of_range', 'range_lines', 'FastEncoding', 'booster_threads', 'TreeliteTrees',
+           'CompiledTrees', 'c_compiler', 'compiled_library', 'compile_trees', 'treelite_trees', 'Champion',
+           'probe_records', 'make_champion', 'champion_from_columns', 'lineage_summary', 'champion_version',
            'artifact_checksum', 'version_checksum', 'load_champion', 'write_snapshot', 'read_snapshot',
            'ChampionWatcher', 'PredictionLog', 'parse_records', 'create_app', 'registry_client', 'build_service',
            'serve', 'score_frame', 'model_inputs', 'score_file']
@@ -124,6 +125,64 @@ def describe_errors(error:ValidationError, limit:int=50) -> list[dict]:
             problem["input"] = shown if len(shown) <= 80 else shown[:77] + "..."
         problems.append(problem)
     return problems
+
+# %% ../../nbs/serving/00_serve.ipynb #ranges-code
+_NUMBER_KINDS = ("double", "float", "long", "integer")
+RANGES = TypeAdapter(dict[str, tuple[float | None, float | None]])  # the type of ValidateParams.ranges
+
+def declared_ranges(root:Path|str, # the project root
+                   ) -> dict:
+    "`validate.ranges` of the project's params.yaml: column -> (low, high), inclusive, None = open; {} when none."
+    from mlops_notebooks.core.stage import read_yaml
+    section = read_yaml(Path(root) / "params.yaml").get("validate") or {}
+    if not isinstance(section, dict):
+        raise ParamsError(f"params.yaml: section 'validate' must be a mapping, got {type(section).__name__}")
+    try:
+        return RANGES.validate_python(section.get("ranges") or {})
+    except ValidationError as error:
+        first = error.errors(include_url=False)[0]
+        where = ".".join(["validate.ranges", *map(str, first["loc"])])
+        raise ParamsError(f"params.yaml: {where}: {first['msg'][0].lower()}{first['msg'][1:]}") from None
+
+def input_ranges(columns:list[InputColumn], ranges:dict) -> dict:
+    "The ranges that bound a model's number inputs (one declared for another column does not apply)."
+    return {column.name: ranges[column.name] for column in columns
+            if column.name in ranges and column.kind in _NUMBER_KINDS}
+
+# %% ../../nbs/serving/00_serve.ipynb #ranges-code2
+def _number(value:float) -> str:
+    "A number as a person writes it: -5, 0.5, 1e+20."
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(float(value))
+
+def allowed_range(low:float|None, high:float|None) -> str:
+    "`16 to 110`, `at least 0`, `at most 1e+08`."
+    if low is not None and high is not None:
+        return f"{_number(low)} to {_number(high)}"
+    return f"at least {_number(low)}" if low is not None else f"at most {_number(high)}"
+
+def out_of_range(records:list[dict], # records that passed the contract (numbers; None where a value is missing)
+                 ranges:dict,        # column -> (low, high), inclusive: `input_ranges` of the model
+                 limit:int=50,       # problems described at most
+                ) -> tuple[int, list[dict]]:
+    "(how many values lie outside their range, `{record, field, problem, input}` for the first `limit`, by record)."
+    found, count = [], 0
+    for name, (low, high) in ranges.items():
+        values = np.array([record[name] for record in records], dtype="float64")  # None -> NaN: never outside
+        outside = np.zeros(len(values), dtype=bool)
+        if low is not None:
+            outside |= values < low
+        if high is not None:
+            outside |= values > high
+        rows = np.flatnonzero(outside)
+        count += len(rows)
+        found.extend((int(row), name, float(values[row]), allowed_range(low, high)) for row in rows[:limit])
+    found.sort(key=lambda problem: problem[0])  # stable: within a record, the columns in the ranges' order
+    return count, [{"record": row, "field": name, "problem": f"outside validate.ranges, allowed {allowed}",
+                    "input": _number(value)} for row, name, value, allowed in found[:limit]]
+
+def range_lines(problems:list[dict], row:str="row") -> list[str]:
+    "One line per problem: `row 3 column 'age': outside validate.ranges, allowed 16 to 110 (got -5)`."
+    return [f"{row} {p['record']} column '{p['field']}': {p['problem']} (got {p['input']})" for p in problems]
 
 # %% ../../nbs/serving/00_serve.ipynb #c011
 def _passes_through(transformer) -> bool:
@@ -661,6 +720,7 @@ def parse_records(body:bytes, max_records:int) -> tuple[list|None, tuple|None]:
 def create_app(watcher:ChampionWatcher,          # holds the serving champion (loaded by the app's startup)
                prediction_log_path:Path|str,      # where predictions are appended
                max_records:int=10_000,            # the largest request
+               ranges:dict|None=None,             # `declared_ranges`: values outside are refused (None: unchecked)
               ):
     "The FastAPI app: /predict, /health, /model; the model is loaded and the log opened at startup."
     from contextlib import asynccontextmanager
@@ -699,6 +759,11 @@ def create_app(watcher:ChampionWatcher,          # holds the serving champion (l
             fields = sorted({e["field"] for e in errors if e["field"]})
             named = f": {', '.join(fields)}" if fields else " (each record must be a JSON object)"
             return _problem(422, f"{error.error_count()} problem(s) in the records{named}", errors)
+        if ranges:
+            count, errors = out_of_range(records, input_ranges(champion.columns, ranges))
+            if count:
+                return _problem(422, f"{count} value(s) outside params.yaml's validate.ranges: "
+                                     + "; ".join(range_lines(errors[:3], row="record")), errors)
         predictions = champion.predict(records)
         request_id = str(uuid.uuid4())
         state["log"].append(request_id, received, champion, records, predictions)
@@ -734,13 +799,16 @@ def registry_client(settings:Settings):
 
 def build_service(settings:Settings,
                   warm:bool=True, # start from the snapshot of the last champion, if there is one
+                  root:Path|str|None=None, # the project root (its params.yaml's validate.ranges); found by default
                  ):
     "The app for a project: the champion of `settings.registered_model_name`, the log at `settings.prediction_log`."
+    from mlops_notebooks.core.settings import project_root
+    ranges = declared_ranges(root or project_root()) if settings.check_input_ranges else None
     watcher = ChampionWatcher(lambda: registry_client(settings), settings.registered_model_name,
                               settings.model_poll_seconds, snapshot=(settings.champion_snapshot, settings.tracking_uri))
     if not (warm and watcher.warm_start()):
         watcher.load_initial()  # fail before binding the port when there is no champion
-    return create_app(watcher, settings.prediction_log, settings.max_records_per_request), watcher
+    return create_app(watcher, settings.prediction_log, settings.max_records_per_request, ranges), watcher
 
 def serve(settings:Settings, host:str|None=None, port:int|None=None):
     "Serve the champion until stopped."
@@ -769,9 +837,11 @@ def _exit_quietly(signum, frame):
     raise SystemExit(0)
 
 # %% ../../nbs/serving/00_serve.ipynb #c028
-_NUMBER_KINDS = ("double", "float", "long", "integer")
-
-def score_frame(champion:Champion, claims:pd.DataFrame, source:str="claims") -> pd.DataFrame:
+def score_frame(champion:Champion,    # the model version that scores
+                claims:pd.DataFrame,  # the claims, every model input column present
+                source:str="claims",  # the file, for messages
+                ranges:dict|None=None, # `declared_ranges` to refuse values outside (None: none)
+               ) -> pd.DataFrame:
     "The claims with the champion's prediction, name and version; `DataError` naming bad rows and columns."
     names = [column.name for column in champion.columns]
     missing = [name for name in names if name not in claims.columns]
@@ -788,6 +858,11 @@ def score_frame(champion:Champion, claims:pd.DataFrame, source:str="claims") -> 
         more = f" (and {error.error_count() - 5} more)" if error.error_count() > 5 else ""
         raise DataError(f"{source}: {error.error_count()} value(s) break the model's input contract: "
                         + "; ".join(lines) + more) from None
+    count, problems = out_of_range(records, input_ranges(champion.columns, ranges or {}), limit=5)
+    if count:
+        more = f" (and {count - 5} more)" if count > 5 else ""
+        raise DataError(f"{source}: {count} value(s) outside params.yaml's validate.ranges: "
+                        + "; ".join(range_lines(problems)) + more)
     scored = claims.copy()
     scored["prediction"] = champion.predict(records)
     scored["model_name"] = champion.name
@@ -824,7 +899,11 @@ def model_inputs(champion:Champion,  # whose contract says each input's type
 def _kind(champion:Champion, name:str) -> str:
     return next(column.kind for column in champion.columns if column.name == name)
 
-def score_file(champion:Champion, source:Path|str, target:Path|str) -> pd.DataFrame:
+def score_file(champion:Champion,     # the model version that scores
+               source:Path|str,       # the claims, CSV/Parquet
+               target:Path|str,       # where the scored claims go, CSV/Parquet
+               ranges:dict|None=None, # `declared_ranges` to refuse values outside (None: none)
+              ) -> pd.DataFrame:
     "Score the claims in `source` (CSV/Parquet) and write them with predictions to `target` (CSV/Parquet)."
     from mlops_notebooks.core.artifacts import atomic_path, read_table
     target = Path(target)
@@ -832,7 +911,7 @@ def score_file(champion:Champion, source:Path|str, target:Path|str) -> pd.DataFr
         raise UserError(f"{target}: unsupported output type '{target.suffix}' (use .csv or .parquet)")
     if target.is_dir():
         raise UserError(f"{target}: is a folder; name the output file (.csv or .parquet)")
-    scored = score_frame(champion, read_table(source), str(source))
+    scored = score_frame(champion, read_table(source), str(source), ranges)
     try:
         with atomic_path(target) as temporary:
             if target.suffix.lower() == ".csv":

@@ -155,9 +155,10 @@ def serve(args) -> int:
 
 def score(args) -> int:
     from mlflow import MlflowClient
-    from mlops_notebooks.serving.serve import load_champion, score_file
+    from mlops_notebooks.serving.serve import declared_ranges, load_champion, score_file
     root = project_root()
     settings = load_settings(root)
+    ranges = declared_ranges(root) if settings.check_input_ranges else None  # a bad params.yaml stops it first
     open_existing_store(settings)
     client = MlflowClient()
     version, _ = resolve_target(client, args.model or f"models:/{settings.registered_model_name}@champion",
@@ -165,7 +166,7 @@ def score(args) -> int:
     if version is None:
         raise UserError(f"score --model {args.model}: that run has no registered model version")
     champion = load_champion(client, version.name, version)
-    scored = score_file(champion, args.claims, args.output)
+    scored = score_file(champion, args.claims, args.output, ranges)
     print(f"scored {len(scored)} claims with {champion.name} version {champion.version} -> {args.output}")
     return 0
 
@@ -200,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.set_defaults(handler=serve)
     score_parser = commands.add_parser(
         "score", help="score a CSV/Parquet file of claims with the champion",
-        description="Write the claims with prediction, model_name, model_version and scored_at columns.")
+        description="Write the claims with prediction, model_name, model_version and scored_at columns. Values "
+                    "outside params.yaml's validate.ranges are refused (settings.ini check_input_ranges).")
     score_parser.add_argument("claims", help="input claims, .csv or .parquet")
     score_parser.add_argument("output", help="output file, .csv or .parquet")
     score_parser.add_argument("--model", help="models:/<name>@<alias>, models:/<name>/<version>, a version number "
