@@ -1,4 +1,7 @@
 """A bad param, a broken or incomplete file, a missing input: one clear message, nothing half-written."""
+import json
+
+import pandas as pd
 import pytest
 import yaml
 from conftest import BIN, copy_project, dvc, merge, run, write_params
@@ -159,3 +162,26 @@ def test_a_valid_rule_of_ones_own_passes_the_register_stage(repro_project, tmp_p
     import json
     decision = json.loads((project / "reports/register_decision.json").read_text())
     assert decision["rule"]["primary_metric"] == "rmse" and decision["rule"]["max_prediction_ratio"] == 1.5
+
+
+def test_an_unreadable_incoming_batch_is_set_aside_and_the_pipeline_goes_on(tmp_path):
+    "One unreadable file in data/incoming/ is named, recorded and left where it is; the readable batches join."
+    from mlops_notebooks.stages.generator import generate_claims
+    project = copy_project(tmp_path)
+    incoming = project / "data/incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    generate_claims(300, "2024-01", 1, seed=7, first_claim_id=10**7).to_csv(incoming / "2024-01.csv", index=False)
+    broken = b"claim_id,region\n1,\xff\xfenorth\n"  # not UTF-8, and unlabelled
+    (incoming / "2024-02.csv").write_bytes(broken)
+    result = dvc(project, "repro", check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "data/incoming/2024-02.csv: set aside, not read: not UTF-8 text" in output, output
+    assert (incoming / "2024-02.csv").read_bytes() == broken, "the file stays where it was, as it was"
+    record = json.loads((project / "data/quarantine/incoming.json").read_text())
+    assert [entry["file"] for entry in record["set_aside"]] == ["data/incoming/2024-02.csv"]
+    assert record["set_aside"][0]["reason"].startswith("not UTF-8 text") and len(record["set_aside"][0]["md5"]) == 32
+    raw = pd.read_parquet(project / "data/raw/claims.parquet")
+    assert (raw["claim_id"] >= 10**7).sum() == 300, "the readable labelled batch joined the claims"
+    verdict = json.loads((project / "reports/monitor_verdict.json").read_text())
+    assert verdict["verdict"] == "invalid" and "2024-02.csv" in verdict["problems"][0], "the monitor still sees it"

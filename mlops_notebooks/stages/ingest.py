@@ -70,11 +70,19 @@ def join_aggregated(table:pd.DataFrame, # the first table
 def append_incoming(claims:pd.DataFrame, # the claims table
                     folder:Path|str,     # the incoming folder
                     data:DataParams,     # the declaration: target and period columns
+                    set_aside:list|None=None, # unreadable files are listed here and left out; None: they are errors
                    ) -> pd.DataFrame:
     "The claims with every labelled incoming batch appended (same columns required; periods read like the claims')."
     batches = []
     for path in incoming_files(folder):
-        batch = derive_columns(read_table(path, "an incoming batch"), data, str(path), batch=True)
+        try:
+            table = read_table(path, "an incoming batch")
+        except DataError as error:
+            if set_aside is None:
+                raise
+            set_aside.append({"file": path, "reason": str(error).removeprefix(f"{path}: ")})
+            continue
+        batch = derive_columns(table, data, str(path), batch=True)
         if data.target not in batch.columns:
             continue  # not labelled yet: only the monitor reads it
         missing = [column for column in claims.columns if column not in batch.columns]
@@ -104,6 +112,7 @@ def ingest_claims(data:DataParams,     # the declared data
                   params:IngestParams, # the generator's params (used when data.source is empty)
                   root:Path,           # project root: sources are relative to it
                   incoming:Path|None=None, # the folder of labelled batches to append; None = none
+                  set_aside:list|None=None, # unreadable incoming files are listed here and left out (see above)
                  ) -> pd.DataFrame:
     "The raw claims table, before any check."
     if not data.source:
@@ -115,7 +124,7 @@ def ingest_claims(data:DataParams,     # the declared data
         if data.join.source:
             table = join_aggregated(table, read_table(root / data.join.source, "data.join.source"), data)
     table = derive_columns(table, data, data.source or "the generator")
-    return append_incoming(table, incoming, data) if incoming is not None else table
+    return append_incoming(table, incoming, data, set_aside) if incoming is not None else table
 
 def write_claims(claims:pd.DataFrame, target:Path, source:str):
     "Write the raw claims to `target` (Parquet); a column Parquet cannot store is named, with the `source` it came from."

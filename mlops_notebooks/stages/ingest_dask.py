@@ -25,6 +25,7 @@ def ingest_on_cluster(client,            # a distributed.Client
                       incoming:Path|None=None, # the folder of labelled batches to append; None = none
                       partition_rows:int=1_000_000, # generated claims per part
                       storage:ClusterStorage|None=None, # where the workers read a Parquet source; None: where it is
+                      set_aside:list|None=None, # unreadable incoming files are listed here and left out (as in process)
                      ) -> int:
     "The ingest stage on the cluster: generate or read the claims a part at a time into `target`; return the rows."
     import dask
@@ -44,7 +45,7 @@ def ingest_on_cluster(client,            # a distributed.Client
         parts = [dask.delayed(lambda frame: (frame,))(ingest_claims(data, params, root))]
     if incoming is not None:  # small: checked and appended in process, after the cluster's parts
         first = client.compute(parts[0]).result()[0]
-        batches = append_incoming(first.iloc[:0], incoming, data)
+        batches = append_incoming(first.iloc[:0], incoming, data, set_aside)
         if len(batches):
             parts.append(dask.delayed(lambda frame: (frame,))(batches))
     return stream_parts(client, parts, [target])[0]
