@@ -157,7 +157,9 @@ def label_problems(batch:pd.DataFrame, data:DataParams) -> list[str]:
                             + _cells(batch[data.weight], bad, "zero, negative, empty or unreadable"))
     return problems
 
-def batch_problems(batch:pd.DataFrame, data:DataParams, min_rows:int) -> list[str]:
+def batch_problems(batch:pd.DataFrame, data:DataParams, min_rows:int,
+                   reference:pd.DataFrame|None=None, # the training reference: a feature it always has must be there
+                  ) -> list[str]:
     "What makes the batch unusable for monitoring (empty list: usable)."
     missing = [f"column '{column}' ({'data.categorical' if column in data.categorical else 'data.numeric'}): missing"
                for column in data.features if column not in batch.columns]
@@ -168,6 +170,11 @@ def batch_problems(batch:pd.DataFrame, data:DataParams, min_rows:int) -> list[st
         if (bad | batch[column].isna()).all():  # not one number in the column
             problems.append(f"column '{column}' (data.numeric): no readable number, "
                             + _cells(batch[column], bad, "unreadable"))
+    for column in data.numeric:  # every cell empty (pandas reads `n/a`, `null` as empty) where training had numbers
+        if (len(batch) and column in batch.columns and batch[column].isna().all() and reference is not None
+                and column in reference.columns and reference[column].notna().all()):
+            problems.append(f"column '{column}' (data.numeric): no number at all, {len(batch):,} of {len(batch):,} "
+                            "rows empty, where every reference row has one")
     return problems + label_problems(batch, data)
 
 def unreadable_cells(batch:pd.DataFrame, data:DataParams) -> list[str]:
@@ -315,7 +322,7 @@ def monitor_batch(reference:pd.DataFrame,  # the training reference (declared fe
                   batch_predictions:np.ndarray|None=None, # the champion's predictions on the batch when known (a prediction log)
                  ) -> dict:
     "The verdict on one batch, with its evidence."
-    problems = batch_problems(batch, data, params.min_rows)
+    problems = batch_problems(batch, data, params.min_rows, reference)
     record = {"verdict": "invalid", "problems": problems, "rows": len(batch), "reference_rows": len(reference),
               "labelled": False, "drifted_features": [], "evidence": {}, "decay": None, "calibration": None,
               "rule": {"alpha": params.alpha, "correction": params.correction, "min_psi": params.min_psi,
