@@ -510,6 +510,7 @@ def reset_registry(project: Path, max_iter: int) -> str:
     store = f"sqlite:///{project}/mlflow.db"
     MlflowClient(tracking_uri=store, registry_uri=store).delete_registered_model(MODEL)
     set_params(project, {"train": {"max_iter": max_iter}})
+    run(["git", "commit", "-qam", f"train.max_iter {max_iter}"], project)  # register promotes from a clean tree only
     dvc(project, "repro", "register")
     version = MlflowClient(tracking_uri=store, registry_uri=store).get_model_version_by_alias(MODEL, "champion")
     assert int(version.version) == 1, version
