@@ -219,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
 # %% ../../nbs/tools/00_cli.ipynb #c008g
 def main(argv:list[str]|None=None) -> int:
     "Run the command line; exit status 2 with one line on stderr for a user error."
+    import os
+    # As the Makefile does: no MLflow download bars on stderr (`score` loading a model), so an error is one line there.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
