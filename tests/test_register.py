@@ -9,6 +9,7 @@ import pytest
 import yaml
 from conftest import BIN, copy_project, dvc, run, set_params
 from mlflow import MlflowClient
+
 from mlops_notebooks.core.tracking import decision_history, read_decision
 from mlops_notebooks.stages.evaluate import cost_metrics
 from mlops_notebooks.stages.features import row_uniform
