@@ -139,8 +139,8 @@ def synthetic_months(seeds: int, months_per_seed: int, history_per_month: int, s
 
 def fremtpl2_months(folder: Path, seeds: int) -> dict:
     "Verdicts on freMTPL2 'months' (a twelfth of the policies, not trained on), as they are and with counts scaled."
-    import numpy as np
     import pandas as pd
+
     from mlops_notebooks.core.settings import parse_params
     from mlops_notebooks.stages.features import row_uniform, select_features
     from mlops_notebooks.stages.monitor import MonitorParams, monitor_batch

@@ -61,6 +61,7 @@ def xgboost_params(section: dict):
 # settings and the Dask client's TLS files come in the environment, as for a stage.
 def step(name: str, folder: Path):
     import pandas as pd
+
     from mlops_notebooks.core.artifacts import write_parquet
     from mlops_notebooks.core.settings import load_settings
     from mlops_notebooks.stages.evaluate import cost_metrics
@@ -108,6 +109,7 @@ def step(name: str, folder: Path):
 def worker_peaks(info) -> list[float]:
     "Each worker's peak RSS (VmHWM) in GB since it started."
     from distributed import Client
+
     from mlops_notebooks.tools.team import client_security
     with Client(info.dask_scheduler, security=client_security(info), timeout=30) as client:
         return sorted(client.run(peak_rss_gb).values())
@@ -116,6 +118,7 @@ def worker_peaks(info) -> list[float]:
 def fresh_workers(info):
     "Restart every worker (its nanny starts a new process), so its peak RSS counts one step only."
     from distributed import Client
+
     from mlops_notebooks.tools.team import client_security
     with Client(info.dask_scheduler, security=client_security(info), timeout=30) as client:
         client.restart(wait_for_workers=True)
@@ -168,6 +171,7 @@ def generate(folder: Path, rows: int):
     "`rows` synthetic claims over 24 report months, a million at a time, into folder/claims.parquet."
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     from mlops_notebooks.stages.generator import generate_claims
     writer = None
     for number, first in enumerate(range(0, rows, CHUNK)):

@@ -5,7 +5,7 @@ import os
 import re
 import shlex
 import shutil
-import sqlite3
+import signal
 import subprocess
 from pathlib import Path
 
@@ -102,15 +102,26 @@ def test_pre_commit_passes_offline_and_refuses_a_notebook_with_outputs(tmp_path)
     assert refused.endswith("Failed") and "nbs/stages/03_features.ipynb" in hooks_said, hooks_said
 
 
+def _client(store: Path):
+    from mlflow import MlflowClient
+    return MlflowClient(tracking_uri=f"sqlite:///{store}", registry_uri=f"sqlite:///{store}")
+
+
 def _runs(store: Path) -> list[tuple]:
-    with sqlite3.connect(store) as db:
-        return db.execute("select run_uuid, name, status from runs order by run_uuid").fetchall()
+    "(run id, name, status) of every run of every experiment, through MLflow's client."
+    client = _client(store)
+    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+    runs = client.search_runs(experiments) if experiments else []
+    return sorted((run.info.run_id, run.info.run_name, run.info.status) for run in runs)
 
 
 def _registry(store: Path) -> list[tuple]:
-    with sqlite3.connect(store) as db:
-        versions = db.execute("select name, version from model_versions order by name, version").fetchall()
-        aliases = db.execute("select name, alias, version from registered_model_aliases order by name, alias").fetchall()
+    "(name, version) of every model version, then (name, alias, version) of every alias, through MLflow's client."
+    client = _client(store)
+    models = sorted(client.search_registered_models(), key=lambda model: model.name)
+    versions = sorted((version.name, int(version.version)) for model in models
+                      for version in client.search_model_versions(f"name='{model.name}'"))
+    aliases = sorted((model.name, alias, int(version)) for model in models for alias, version in model.aliases.items())
     return versions + aliases
 
 
@@ -194,10 +205,11 @@ def experimented(tmp_path_factory):
 def test_an_experiment_runs_without_the_venv_on_path_and_names_its_mlflow_run(experimented):
     project, result, _, _ = experimented
     name = re.search(r"Ran experiment\(s\): (\S+)", result.stdout + result.stderr).group(1)
-    with sqlite3.connect(project / "mlflow.db") as db:
-        runs = db.execute("select r.name, t.value from runs r join tags t on t.run_uuid = r.run_uuid "
-                          "where t.key = 'lineage.dvc_experiment'").fetchall()
-    assert runs == [(name, name)]
+    client = _client(project / "mlflow.db")
+    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string="tags.`lineage.dvc_experiment` != ''")
+    # the train stage's run: named after the stage and the experiment, and tagged with the experiment
+    assert [(run.info.run_name, run.data.tags["lineage.dvc_experiment"]) for run in runs] == [(f"train-{name}", name)]
     assert name in dvc(project, "exp", "show", "--only-changed", "--no-pager").stdout
 
 
@@ -270,11 +282,11 @@ def test_every_documented_venv_command_works_as_written(tmp_path):
         if is_template(command):  # the subcommand exists and explains itself
             words = [word for word in words if not re.search(r"[<\[\]>]", word)][:2] + ["--help"]
         process = subprocess.Popen(words, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True)
+                                   text=True, start_new_session=True)
         try:
             output, _ = process.communicate(timeout=600 if "exp run" in command else 60)
         except subprocess.TimeoutExpired:  # a server (mlflow ui): still serving after a minute is working
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)  # with its workers: a server's children outlive a killed parent
             process.communicate()
             continue
         if process.returncode != 0:

@@ -12,9 +12,9 @@ from pathlib import Path
 import nbformat
 import pytest
 import yaml
-
 from chromium import Chromium
 from conftest import BIN, REPO, copy_project, dvc, run
+
 from mlops_notebooks.tools.docs import NO_REPORTS, broken_links, format_number, library_notebooks
 
 pytestmark = pytest.mark.slow  # `make test-all` (CI) runs it; `make test` does not

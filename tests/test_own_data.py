@@ -10,11 +10,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-
 import yaml
-
 from conftest import copy_project, dvc, run, write_params
 from motor_tpl import PARAMS, motor_tpl
+
 from mlops_notebooks.core.settings import DataError, parse_params
 from mlops_notebooks.stages.evaluate import cost_metrics, error_by_group
 from mlops_notebooks.stages.features import FeaturesParams, select_features, split_claims
@@ -145,6 +144,7 @@ def champion(split):
 def test_the_service_accepts_a_pooled_level_and_refuses_an_unseen_one(split, champion):
     from mlflow.models import infer_signature
     from pydantic import ValidationError
+
     from mlops_notebooks.serving.serve import make_champion
     inputs = feature_frame(split[0], DECLARED)
     served = make_champion("motor-tpl", 1, "r" * 32, champion, infer_signature(inputs, champion.predict(inputs)))

@@ -9,6 +9,7 @@ import pytest
 import yaml
 from conftest import BIN, copy_project, dvc, run, set_params
 from mlflow import MlflowClient
+
 from mlops_notebooks.core.tracking import decision_history, read_decision
 from mlops_notebooks.stages.evaluate import cost_metrics
 from mlops_notebooks.stages.features import row_uniform
@@ -17,10 +18,10 @@ from mlops_notebooks.stages.generator import generate_claims
 pytestmark = pytest.mark.slow  # `make test-all` (CI) runs it; `make test` does not
 
 MODEL = "claims-cost"
-# With the small test params: fewer boosting rounds is clearly worse; smaller trees with more rounds is better
-# (measured: mean gamma deviance 0.791 -> 0.775, Gini and MAE within the guards).
+# With the small test params: fewer boosting rounds is clearly worse; smaller trees, a smaller learning rate and
+# more rounds is better (measured on the test split: mean gamma deviance 0.779 -> 0.763, Gini and MAE better too).
 WORSE = {"train": {"max_iter": 5}}
-BETTER = {"train": {"max_iter": 60, "max_leaf_nodes": 8, "min_samples_leaf": 50}}
+BETTER = {"train": {"max_iter": 200, "learning_rate": 0.05, "max_leaf_nodes": 6, "min_samples_leaf": 100}}
 # A Poisson booster with a huge learning rate on heavy-tailed costs: predictions around 1e78 here.
 DIVERGED = {"data": {"objective": "poisson"}, "train": {"learning_rate": 3.0}}
 
@@ -49,6 +50,7 @@ def audit(project: Path, target: str, *flags: str, env: dict | None = None) -> s
 def lifecycle(tmp_path_factory):
     "One project through first model, re-run, worse, better and diverged challengers; the decisions on the way."
     project = copy_project(tmp_path_factory.mktemp("registry"))
+    original = (project / "params.yaml").read_text()
     steps = {}
     dvc(project, "repro")
     steps["first"] = (decision(project), registry_state(project))
@@ -59,8 +61,7 @@ def lifecycle(tmp_path_factory):
         run(["git", "commit", "-qam", f"{name} params"], project)  # a clean tree: the gate may promote
         dvc(project, "repro")
         steps[name] = (decision(project), registry_state(project))
-        set_params(project, {"train": yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())["train"]})
-        set_params(project, {"train": {"max_iter": 40}})
+        (project / "params.yaml").write_text(original)  # every section back (the diverged step changed data too)
         run(["git", "commit", "-qam", "back"], project)
     # Uncommitted: the champion's own params again, a fresh run (no run cache) and a gate it passes by a 0% margin.
     set_params(project, {**BETTER, "register": {"min_relative_improvement": 0.0}})
@@ -159,7 +160,7 @@ def test_audit_matches_the_registry(lifecycle):
     assert report["run_id"] == champion.run_id
     assert report["code"]["git_commit"] == champion.tags["lineage.git_commit"]
     assert report["data"]["data/processed/train.parquet"] == champion.tags["lineage.data.data/processed/train.parquet"]
-    assert report["params"]["train.max_leaf_nodes"] == "8"
+    assert report["params"]["train.max_leaf_nodes"] == "6"
     assert report["decision"]["outcome"] == "promoted" and report["decision"]["champion"]["version"] == 1
     assert report["metrics"]["test_d2"] == client.get_run(champion.run_id).data.metrics["test_d2"]
     # the same model by version number and by run id; text output for people
@@ -280,6 +281,7 @@ def ids(project: Path, part: str) -> set:
 def test_the_gate_compares_the_champion_only_on_rows_it_did_not_learn_from(tmp_path):
     project = copy_project(tmp_path / "project")
     set_params(project, {"features": {"split": "random", "test_share": 0.2}})
+    run(["git", "commit", "-qam", "a random split"], project)  # a clean tree: the gate may promote
     dvc(project, "repro")
     first_train, first_test = ids(project, "train"), ids(project, "test")
     assert decision(project)["outcome"] == "promoted"
@@ -323,8 +325,10 @@ def test_the_gate_compares_the_champion_only_on_rows_it_did_not_learn_from(tmp_p
     dvc(project, "repro")
     record = decision(project)
     assert record["outcome"] == "kept_champion" and record["champion"]["version"] == int(by_hand.version)
-    failed = [check for check in record["checks"] if not check["passed"]]
-    assert len(failed) == 1 and failed[0]["check"] == "compared on >= 100 rows neither model learned from"
-    assert "cannot tell which rows the champion learned from" in failed[0]["detail"]
+    failed = {check["check"]: check["detail"] for check in record["checks"] if not check["passed"]}
+    comparison = "compared on >= 100 rows neither model learned from"
+    # calibration may fail too: uncompared, the challenger's A/E is judged against the tolerance alone
+    assert comparison in failed and set(failed) <= {comparison, "calibration"}, failed
+    assert "cannot tell which rows the champion learned from" in failed[comparison]
     assert record["champion"]["metrics"] == {}
     assert registry_state(project)["aliases"]["champion"] == str(by_hand.version)

@@ -4,7 +4,6 @@ the session's pipeline project and is stopped by its pid."""
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
 import signal
@@ -20,7 +19,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-
 from conftest import BIN, dvc, project_env, run, set_params
 
 pytestmark = pytest.mark.slow  # `make test-all` (CI) runs it; `make test` does not

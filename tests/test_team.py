@@ -21,10 +21,21 @@ import pandas as pd
 import pytest
 import requests
 import yaml
-
 from conftest import BIN, SMALL_PARAMS, copy_project, dvc, merge, project_env, run, set_params
-from mlops_notebooks.tools.team import (SECRETS_FILE, StackPorts, destroy_stack, free_port, group_members, load_stack,
-                                        s3_client, stack_up, start_stack, stop_stack, tls_file)
+
+from mlops_notebooks.tools.team import (
+    SECRETS_FILE,
+    StackPorts,
+    destroy_stack,
+    free_port,
+    group_members,
+    load_stack,
+    s3_client,
+    stack_up,
+    start_stack,
+    stop_stack,
+    tls_file,
+)
 
 pytestmark = pytest.mark.slow  # `make test-all` (CI) runs it; `make test` does not
 
@@ -102,6 +113,7 @@ def mlflow_client(info, credentials, monkeypatch):
 def dask_client(info, **kwargs):
     "A Dask client of the stack, with the stack's client certificate."
     from distributed import Client
+
     from mlops_notebooks.tools.team import client_security
     return Client(info.dask_scheduler, security=client_security(info), timeout=30, **kwargs)
 
@@ -220,6 +232,7 @@ def open_doors(port: int) -> list[str]:
 def dask_connects(address: str, security) -> bool:
     "Whether a Dask comm connection (scheduler, worker or nanny port) to `address` is let in with `security`."
     import asyncio
+
     from distributed.comm import connect
 
     async def attempt():
@@ -345,7 +358,7 @@ def test_pipeline_on_the_team_stack(stack, team_project, monkeypatch):
     assert run_.data.metrics["train_rows"] == len(training)
     assert np.isclose(run_.data.metrics["train_mean_target"], training["ultimate_cost"].mean(), rtol=1e-9)
     # The cluster's outputs are the embedded default's: the same claims, the same checks, the same split.
-    from mlops_notebooks.stages.features import FeaturesParams, split_claims, select_features
+    from mlops_notebooks.stages.features import FeaturesParams, select_features, split_claims
     from mlops_notebooks.stages.ingest import IngestParams, ingest_claims
     from mlops_notebooks.stages.schema import DataParams
     from mlops_notebooks.stages.validate import ValidateParams, check_claims
@@ -443,9 +456,10 @@ def test_the_gate_lock_is_shared_by_two_clones(stack, team_project, tmp_path, mo
     """Two clones register at once against the stack. While this test holds the gate's PostgreSQL lock, both wait at
     the gate (their connections are there, no version appears); released, they pass one after the other: the
     second judges its challenger against the champion the first left."""
+    import psycopg2
+
     from mlops_notebooks.core.registry import gate_lock
     from mlops_notebooks.core.settings import load_settings
-    import psycopg2
     info, credentials = stack
     env = team_env(info, credentials)
     for key, value in env.items():

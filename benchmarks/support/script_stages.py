@@ -61,6 +61,7 @@ def features(data, features):
 
 def train(data, train):
     import numpy as np
+
     from mlops_notebooks.core.artifacts import atomic_directory, flatten, lineage_tags, read_parquet, write_json
     from mlops_notebooks.core.settings import configure_mlflow
     from mlops_notebooks.core.stage import start_stage
@@ -94,6 +95,7 @@ def evaluate(data, evaluate):
     import matplotlib.pyplot as plt
     import mlflow
     import numpy as np
+
     from mlops_notebooks.core.artifacts import atomic_path, file_md5, read_parquet, write_json
     from mlops_notebooks.core.settings import configure_mlflow
     from mlops_notebooks.core.stage import start_stage
@@ -164,10 +166,18 @@ def register(data, register):
     import mlflow
     from filelock import FileLock
     from mlflow import MlflowClient
+
     from mlops_notebooks.core.artifacts import file_md5, read_parquet, write_json
     from mlops_notebooks.core.contracts import find_contract
-    from mlops_notebooks.core.registry import (CHALLENGER, CHAMPION, load_version_model, lock_path_for, record_tags,
-                                               register_version, version_by_alias)
+    from mlops_notebooks.core.registry import (
+        CHALLENGER,
+        CHAMPION,
+        load_version_model,
+        lock_path_for,
+        record_tags,
+        register_version,
+        version_by_alias,
+    )
     from mlops_notebooks.core.settings import DataError, configure_mlflow
     from mlops_notebooks.core.stage import start_stage
     from mlops_notebooks.stages.evaluate import cost_metrics, deviance_power
@@ -231,13 +241,13 @@ def register(data, register):
 
 def monitor(data, features, monitor):
     from mlflow import MlflowClient
+
     from mlops_notebooks.core.artifacts import read_parquet, write_json
     from mlops_notebooks.core.registry import CHAMPION, load_version_model, version_by_alias
     from mlops_notebooks.core.settings import configure_mlflow
     from mlops_notebooks.core.stage import start_stage
     from mlops_notebooks.stages.features import FeaturesParams  # noqa: F401  (parses the features section)
-    from mlops_notebooks.stages.monitor import (batch_months, learnable, monitor_batch, read_incoming,
-                                                should_retrain)
+    from mlops_notebooks.stages.monitor import batch_months, learnable, monitor_batch, read_incoming, should_retrain
     stage = start_stage("monitor", data=data, features=features, monitor=monitor)
     declared, params, split = stage.params.data, stage.params.monitor, stage.params.features
     assert params.source == "incoming", "the benchmark runs the default monitor source"

@@ -485,7 +485,9 @@ def version_checksum(client, name:str, version) -> str:
 
 def load_champion(client, name:str, version) -> Champion:
     "Load a registered version (an MLflow `ModelVersion`) as a `Champion`."
-    import mlflow, tempfile
+    import tempfile
+
+    import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
     with tempfile.TemporaryDirectory(prefix="champion-") as folder:

@@ -169,7 +169,7 @@ def actual_expected_by_segment(segments:pd.DataFrame, # one column per segmentat
         table = grouped.sum()
         table["rows"] = grouped.size()
         ratio = (table["actual"] / table["expected"]).fillna(1.0)
-        def spread(r):
+        def spread(r, table=table):
             return (table["yy"] - 2 * r * table["yp"] + r ** 2 * table["pp"]).clip(lower=0).to_numpy()
         interval = _ae_table(table["actual"].to_numpy(), table["expected"].to_numpy(), table["model"].to_numpy(),
                              spread(1.0), spread(ratio), phi, power, level)

@@ -52,7 +52,8 @@ def declared_schema(data:DataParams,       # the declared roles
     # Duplicate ids are the schema's to set aside only under `quarantine`; otherwise they are resolved afterwards.
     columns = {data.id: pa.Column(None, unique=params.duplicate_ids == "quarantine", coerce=False)}
     if data.period:
-        readable = lambda values: parse_periods(values, data.period, data.period_unit, errors="coerce").notna()
+        def readable(values):
+            return parse_periods(values, data.period, data.period_unit, errors="coerce").notna()
         columns[data.period] = pa.Column(None, pa.Check(readable, name=PERIOD_CHECK), coerce=False)
     for column in data.categorical:
         allowed = [pa.Check.isin([str(value) for value in params.categories[column]])] if column in params.categories else []

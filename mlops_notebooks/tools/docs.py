@@ -812,7 +812,7 @@ def card_markdown(report:dict|None,     # `lineage_report` of the champion (with
     if verdict is not None:
         drifted = ", ".join(f"`{name}`" for name in verdict.get("drifted_features", [])) or "none"
         monitor_page = report_pages.get("reports/07_monitor.ipynb")
-        lines += ["", f"The latest monitor verdict (`reports/monitor_verdict.json`"
+        lines += ["", "The latest monitor verdict (`reports/monitor_verdict.json`"
                   + (f", [report]({monitor_page})" if monitor_page else "") + f"): **{verdict.get('verdict')}** on "
                   f"{_shown(verdict.get('rows', 0))} rows; drifted features: {drifted}"
                   + (f"; {'; '.join(verdict['problems'])}" if verdict.get("problems") else "") + "."]

@@ -89,12 +89,14 @@ def tls_file(state_dir:Path|str, authority:str, name:str, kind:str="crt") -> Pat
 
 def _certificate(subject:str, public_key, issuer:str, signing_key, authority:bool):
     "An X.509 certificate for `subject`, valid ten years, for 127.0.0.1 and localhost."
-    import datetime, ipaddress
+    import datetime
+    import ipaddress
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
     now = datetime.datetime.now(datetime.timezone.utc)
-    name = lambda common: x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+    def name(common):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
     builder = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
                .public_key(public_key).serial_number(x509.random_serial_number())
                .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=3650))
@@ -354,7 +356,8 @@ def scram_verifier(password:str, iterations:int=4096) -> str:
     salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
     stored = hashlib.sha256(hmac.new(salted, b"Client Key", "sha256").digest()).digest()
     server = hmac.new(salted, b"Server Key", "sha256").digest()
-    encode = lambda raw: base64.b64encode(raw).decode()
+    def encode(raw):
+        return base64.b64encode(raw).decode()
     return f"SCRAM-SHA-256${iterations}:{encode(salt)}${encode(stored)}:{encode(server)}"
 
 def init_postgres(data_dir:Path, password:str):
