@@ -120,7 +120,7 @@ INT64_MIN, UINT64_MAX = -(1 << 63), (1 << 64) - 1
 
 def big_integers_as_text(table:pd.DataFrame) -> pd.DataFrame:
     "`table` with each column holding a whole number outside 64 bits turned into text (the others as they are)."
-    for column in table.columns[table.dtypes == object]:
+    for column in table.select_dtypes(include="object").columns:
         too_big = table[column].map(lambda value: isinstance(value, int) and not INT64_MIN <= value <= UINT64_MAX)
         if too_big.any():
             table[column] = table[column].map(str, na_action="ignore").astype("str")
