@@ -22,11 +22,12 @@ from .register import relative_improvement
 from .schema import DataParams, derive_columns, parse_periods, period_unit_of
 
 # %% auto #0
-__all__ = ['FLAGGED', 'MonitorParams', 'psi', 'numeric_bin_counts', 'numeric_drift', 'categorical_drift', 'adjust_p_values',
-           'unreadable_numbers', 'label_problems', 'batch_problems', 'unreadable_cells', 'prepare_batch', 'has_labels',
-           'unit_deviance', 'modelled_target', 'performance_decay', 'pooled_dispersion', 'calibration_summary',
-           'calibration_evidence', 'sample_reference', 'feature_evidence', 'monitor_batch', 'read_incoming',
-           'read_prediction_log', 'should_retrain', 'learnable', 'batch_months']
+__all__ = ['DECILES', 'FLAGGED', 'MonitorParams', 'psi', 'numeric_bin_counts', 'numeric_drift', 'categorical_drift',
+           'adjust_p_values', 'unreadable_numbers', 'label_problems', 'batch_problems', 'unreadable_cells',
+           'prepare_batch', 'has_labels', 'unit_deviance', 'modelled_target', 'performance_decay', 'pooled_dispersion',
+           'calibration_summary', 'deciles_in_bands', 'training_calibration', 'calibration_evidence',
+           'sample_reference', 'feature_evidence', 'monitor_batch', 'read_incoming', 'read_prediction_log',
+           'should_retrain', 'learnable', 'batch_months']
 
 # %% ../../nbs/stages/07_monitor.ipynb #c006
 class MonitorParams(StageParams):
@@ -260,9 +261,39 @@ def calibration_summary(overall:dict, flagged:pd.DataFrame, overall_off:bool, to
     if overall_off:
         return f"{_gap(overall['ae'])} ({interval})" + (f"; most in {', '.join(drivers)}" if drivers else "")
     if drivers:
-        return f"overall {interval}, but " + "; ".join(f"{_gap(row['ae'])} in {row['segment']}={row['level']}"
-                                                        for _, row in flagged.iterrows())
+        return f"overall {interval}, but " + "; ".join(
+            f"{_gap(row['ae'])} in {row['segment']}={row['level']}"
+            + (f" (beyond its A/E {row['training_ae']:.2f} at training)" if row.get("training_ae", 1.0) != 1.0 else "")
+            for _, row in flagged.iterrows())
     return f"{interval}: calibrated (within ±{tolerance:.0%}, or not significantly off)"
+
+DECILES = np.array([f"d{number:02d}" for number in range(1, 11)])
+
+def deciles_in_bands(predicted:np.ndarray, edges:np.ndarray) -> np.ndarray:
+    "The decile label (d01 .. d10) of each prediction, in the bands cut at `edges` (nine cut points)."
+    return DECILES[np.searchsorted(edges, np.asarray(predicted, dtype=float), side="right")]
+
+def training_calibration(segments:pd.DataFrame, # the reference's categorical features, row-aligned
+                         actual:np.ndarray,     # its observed modelled target
+                         predicted:np.ndarray,  # the champion's predictions on it
+                         weight:np.ndarray|None, power:float, params:MonitorParams) -> dict:
+    "The reference's decile bands, and the champion's A/E per segment there when significantly off 1 (`{(segment, level): A/E}`)."
+    edges = np.quantile(np.asarray(predicted, dtype=float), np.linspace(0.1, 0.9, 9))
+    segmentations = segments.astype(str).reset_index(drop=True).assign(prediction_decile=deciles_in_bands(predicted, edges))
+    table = actual_expected_by_segment(segmentations, actual, predicted, weight, power, 1 - params.alpha)
+    known = table[(table["rows"] >= params.min_rows) & (table["p_value"] < params.alpha)]
+    return {"edges": edges, "ae": {(row.segment, row.level): float(row.ae) for row in known.itertuples()}}
+
+def _segment_table(segmentations:pd.DataFrame, actual, predicted, weight, power:float, confidence:float, phi:float,
+                   at_training:dict) -> pd.DataFrame:
+    "`actual_expected_by_segment`, each segment's expected scaled by its A/E at training (`training_calibration`)."
+    tables = []
+    for name in segmentations.columns:
+        factors = {level: ae for (segment, level), ae in at_training.items() if segment == name}
+        scale = segmentations[name].map(factors).fillna(1.0).to_numpy(dtype=float)
+        table = actual_expected_by_segment(segmentations[[name]], actual, predicted * scale, weight, power, confidence, phi)
+        tables.append(table.assign(training_ae=table["level"].map(factors).fillna(1.0)))
+    return pd.concat(tables, ignore_index=True)
 
 def calibration_evidence(segments:pd.DataFrame, # the batch's categorical features (the segmentations), row-aligned
                          actual:np.ndarray,     # the batch's observed modelled target
@@ -271,13 +302,15 @@ def calibration_evidence(segments:pd.DataFrame, # the batch's categorical featur
                          power:float,           # Tweedie power of the objective
                          params:MonitorParams,
                          phi:float|None=None,   # the dispersion from more rows (`pooled_dispersion`); None: the batch's
+                         training:dict|None=None, # `training_calibration` of the reference; None: segments against 1
                         ) -> dict:
     "A/E overall and by segment (categorical levels, prediction deciles), whether it is miscalibrated, and why."
     overall = actual_expected(actual, predicted, weight, power, 1 - params.alpha, phi)
     overall_off = bool(overall["p_value"] < params.alpha and abs(overall["ae"] - 1) > params.ae_tolerance)
-    segmentations = segments.astype(str).reset_index(drop=True).assign(prediction_decile=prediction_deciles(predicted))
-    table = actual_expected_by_segment(segmentations, actual, predicted, weight, power, 1 - params.alpha,
-                                       overall["dispersion"])
+    deciles = prediction_deciles(predicted) if training is None else deciles_in_bands(predicted, training["edges"])
+    segmentations = segments.astype(str).reset_index(drop=True).assign(prediction_decile=deciles)
+    table = _segment_table(segmentations, actual, predicted, weight, power, 1 - params.alpha, overall["dispersion"],
+                           {} if training is None else training["ae"])
     tested = table[table["rows"] >= params.min_rows].copy()
     tested["p_adjusted"] = adjust_p_values(tested["p_value"].tolist(), params.correction)
     tested["flagged"] = (tested["p_adjusted"] < params.alpha) & ((tested["ae"] - 1).abs() > params.ae_tolerance)
@@ -358,8 +391,14 @@ def monitor_batch(reference:pd.DataFrame,  # the training reference (declared fe
                            evaluation[data.weight].to_numpy(dtype=float) if data.weight else None))
             record["decay"] = performance_decay(*scored[0][:2], *scored[1][:2], data.deviance_power, params.decay_metric,
                                                 params.decay_tolerance, params.alpha, weight, scored[1][2])
+        training = None
+        if has_labels(reference, data):  # what the champion already did, segment by segment, on its training rows
+            reference_actual, reference_weight = modelled_target(reference, data)
+            training = training_calibration(reference[data.categorical], reference_actual, reference_predictions,
+                                            reference_weight, data.deviance_power, params)
         record["calibration"] = calibration_evidence(batch[data.categorical], actual, batch_predictions, weight,
-                                                     data.deviance_power, params, pooled_dispersion(scored, data.deviance_power))
+                                                     data.deviance_power, params,
+                                                     pooled_dispersion(scored, data.deviance_power), training)
     if record["decay"] is not None and record["decay"]["degraded"]:
         record["verdict"] = "degraded"
     elif record["calibration"] is not None and record["calibration"]["miscalibrated"]:
