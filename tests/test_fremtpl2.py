@@ -88,7 +88,7 @@ def test_pure_premium_joins_claim_amounts_and_ranks_risks(pure_premium):
     assert params["train"]["estimator"] == "xgboost" and params["data"]["objective"] == "tweedie"
 
 
-def test_on_real_policies_a_rise_in_claims_is_flagged_and_a_random_half_of_the_training_year_is_not():
+def test_on_real_policies_a_rise_in_claims_is_flagged_and_unchanged_policies_are_not():
     "freMTPL2 as two 'years' (random halves): the model learns the first; the second's claim counts rose 15%."
     from mlops_notebooks.core.settings import parse_params
     from mlops_notebooks.stages.features import row_uniform, select_features
@@ -113,5 +113,9 @@ def test_on_real_policies_a_rise_in_claims_is_flagged_and_a_random_half_of_the_t
     assert trend["calibration"]["summary"].startswith("actual 1")  # "actual 1x% above expected"
     assert trend["calibration"]["actual"] == pytest.approx(risen["ClaimNb"].sum())
     assert monitor_batch(reference, second_year, data, monitor, model, evaluation)["verdict"] == "stable"
-    half = first_year.sample(frac=0.5, random_state=0)  # a random half of the year the model learned from
-    assert monitor_batch(reference, half, data, monitor, model, evaluation)["verdict"] == "stable"
+    # Halves of policies it did not learn from (on its own training rows an overfit booster's deciles look spread:
+    # ranked by a prediction that learned their noise; production never sends those rows back).
+    for seed in range(2):
+        half = second_year.sample(frac=0.5, random_state=seed)
+        judged = monitor_batch(reference, half, data, monitor, model, evaluation)
+        assert judged["verdict"] == "stable", judged["calibration"]["summary"]
