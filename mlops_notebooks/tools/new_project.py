@@ -23,14 +23,17 @@ from ..core.settings import DataError, UserError
 from ..stages.schema import parse_periods
 
 # %% auto #0
-__all__ = ['PLATFORM', 'MAX_CODE_LEVELS', 'MAX_LISTED_LEVELS', 'check_package_name', 'read_user_table', 'find_id', 'find_period',
-           'find_weight', 'suggest_objective', 'column_kind', 'value_range', 'allowed_levels', 'infer_params',
-           'infer_validate', 'infer_split', 'yaml_sections', 'set_keys', 'params_text', 'rename_stage_imports',
-           'platform_wheel', 'write_lock', 'write_project_params', 'finish_project', 'template_root', 'check_answers',
-           'new_project', 'new_command', 'add_new_project_command', 'task_main']
+__all__ = ['PLATFORM', 'PLATFORM_SECTIONS', 'MAX_CODE_LEVELS', 'MAX_LISTED_LEVELS', 'check_package_name', 'read_user_table',
+           'find_id', 'find_period', 'find_weight', 'suggest_objective', 'column_kind', 'value_range', 'allowed_levels',
+           'infer_params', 'infer_validate', 'infer_split', 'yaml_sections', 'drop_sections', 'set_keys', 'params_text',
+           'rename_stage_imports', 'platform_wheel', 'write_lock', 'write_project_params', 'finish_project',
+           'TaskFailed', 'template_root', 'check_answers', 'new_project', 'new_command', 'add_new_project_command',
+           'task_main']
 
 # %% ../../nbs/tools/06_new_project.ipynb #c005
 PLATFORM = "mlops_notebooks"
+# params.yaml sections of the template that its platform tools read, not the project's stages (`make replay`)
+PLATFORM_SECTIONS = ("replay",)
 
 def check_package_name(name:str) -> str:
     "`name` when it can name the project's package; `UserError` naming the answer otherwise."
@@ -246,6 +249,17 @@ def yaml_sections(text:str) -> dict[str, list[str]]:
             sections[name].append(line)
     return sections
 
+def drop_sections(text:str, names:set) -> str:
+    "A YAML text without some top-level sections (with their comments); the rest as written."
+    kept, dropping = [], False
+    for line in text.splitlines():
+        match = re.match(r"^([A-Za-z_]\w*):", line)
+        if match:
+            dropping = match.group(1) in names
+        if not dropping:
+            kept.append(line)
+    return "\n".join(kept).rstrip("\n") + "\n"
+
 def set_keys(lines:list[str], values:dict) -> list[str]:
     "A section's lines with the values of some of its top-level keys replaced (their comments kept)."
     out = []
@@ -268,7 +282,7 @@ def params_text(template_params:str, # the template's params.yaml, as text
     lines += [""] + _section_lines("validate", inferred["params"]["validate"], why,
                                   "ranges and categories as seen in your table (widened), min_rows half of its rows")
     for name, section in yaml_sections(template_params).items():
-        if name not in ("data", "validate"):
+        if name not in ("data", "validate", *PLATFORM_SECTIONS):
             while section and not section[-1].strip():
                 section = section[:-1]
             lines += [""] + set_keys(section, inferred.get(name, {}))
@@ -314,14 +328,17 @@ def write_lock(template_root:Path, root:Path, wheel:Path) -> None:
 
 # %% ../../nbs/tools/06_new_project.ipynb #c041
 def _run(command:list[str], root:Path, what:str) -> None:
-    done = subprocess.run(command, cwd=root, capture_output=True, text=True)
+    "Run a tool in the new project (its package importable from there); `UserError` with the tool's last line."
+    import os
+    environment = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, env=environment)
     if done.returncode != 0:
         last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
         raise UserError(f"{what} failed: {last}")
 
 def write_project_params(root:Path, template_root:Path, data_path:str, target:str, id_column:str="") -> None:
     "params.yaml and params.small.yaml of the new project."
-    template_params = (Path(template_root) / "params.yaml").read_text()
+    template_params = drop_sections((Path(template_root) / "params.yaml").read_text(), set(PLATFORM_SECTIONS))
     small = yaml.safe_load((Path(template_root) / "params.small.yaml").read_text())
     if not data_path:
         (root / "params.yaml").write_text(template_params)
@@ -360,6 +377,9 @@ def finish_project(root:Path, template_root:Path, package:str, data_path:str="",
           f"A new project from the mlops-notebooks template ({package})"], root, "git commit")
 
 # %% ../../nbs/tools/06_new_project.ipynb #c043
+class TaskFailed(UserError):
+    "A copier task failed; it has printed its one line already."
+
 def template_root() -> Path:
     "The template this package comes from: the repository root above the package, holding copier.yml."
     root = Path(__file__).resolve().parents[2]
@@ -392,20 +412,30 @@ def new_project(dest:str|Path, package:str, data_path:str="", target:str="", id_
     answers = {"project_name": name or dest.name, "package_name": package, "team_stack": team_stack,
                "data_path": data_path, "target": target, "id_column": id_column, "platform_wheel": wheel}
     answers |= {key: value for key, value in (("registered_model_name", model), ("experiment_name", experiment)) if value}
+    import warnings
+    from copier.errors import TaskError
     try:
-        copier.run_copy(str(template or template_root()), dest, data=answers, defaults=True, unsafe=True,
-                        vcs_ref=vcs_ref, quiet=True)
-    except Exception as error:  # copier's task error carries the task's own line on stderr
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "dirty template changes included": what --vcs-ref HEAD asks for
+            copier.run_copy(str(template or template_root()), dest, data=answers, defaults=True, unsafe=True,
+                            vcs_ref=vcs_ref, quiet=True)
+    except TaskError:  # the task has said why, in one line on stderr; copier removed what it had made
         shutil.rmtree(dest, ignore_errors=True)
-        raise UserError(f"copier could not make {dest}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+        raise TaskFailed() from None
+    except Exception as error:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise UserError(f"{dest}: not made ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
     return dest
 
 # %% ../../nbs/tools/06_new_project.ipynb #c044
 def new_command(args) -> int:
     "`mlops-notebooks new DEST ...`."
-    dest = new_project(args.dest, args.package or Path(args.dest).name.replace("-", "_"), args.data or "",
-                       args.target or "", args.id or "", args.name or "", args.model or "", args.experiment or "",
-                       args.team_stack, args.template or "", args.vcs_ref, args.platform_wheel or "")
+    try:
+        dest = new_project(args.dest, args.package or Path(args.dest).name.replace("-", "_"), args.data or "",
+                           args.target or "", args.id or "", args.name or "", args.model or "", args.experiment or "",
+                           args.team_stack, args.template or "", args.vcs_ref, args.platform_wheel or "")
+    except TaskFailed:
+        return 2
     print(f"new project in {dest}: cd {dest} && make pipeline")
     return 0
 
