@@ -228,8 +228,7 @@ def _section_lines(name:str, section:dict, why:dict, header:str) -> list[str]:
         reason = why.get(f"{name}.{key}")
         if isinstance(value, dict) and value and key in ("ranges", "categories"):
             lines.append(f"  {key}:")
-            lines += [f"    {column}: {_flow(entry)}" + (f"  # {why[f'column {column}']}" if f"column {column}" in why else "")
-                      for column, entry in value.items()]
+            lines += [f"    {column}: {_flow(entry)}" for column, entry in value.items()]
         elif isinstance(value, list) and value and key in ("categorical", "numeric", "dropped"):
             reasons = "; ".join(f"{column}: {why[f'column {column}']}" for column in value if f"column {column}" in why)
             lines.append(f"  {key}: {_flow(value)}" + (f"  # {reasons}" if reasons else ""))
