@@ -22,17 +22,20 @@ def make_project(dest, *args, template=None):
     return run([str(BIN / "mlops-notebooks"), "new", str(dest), *args, *extra], REPO)
 
 
-def fleet_table(rows: int = 4000, seed: int = 0) -> pd.DataFrame:
+def fleet_table(rows: int = 10_000, seed: int = 0) -> pd.DataFrame:
     "A fleet motor book unlike the claims example: a claim count over exposure in days, an integer underwriting year."
     rng = np.random.default_rng(seed)
     age = rng.integers(18, 85, rows)
     fuel = rng.choice(["diesel", "petrol", "electric"], rows, p=[0.5, 0.4, 0.1])
+    territory = rng.integers(0, 40, rows)
+    value = rng.gamma(4.0, 6000.0, rows).round(0)
     days = rng.integers(30, 366, rows)
-    rate = 0.12 * np.exp(-0.01 * (age - 40)) * np.where(fuel == "electric", 0.7, 1.0)
+    territory_factor = np.exp(np.random.default_rng(seed + 1).normal(0, 0.6, 40))[territory]
+    rate = (0.6 * np.exp(1.2 * (age < 25) - 0.01 * (age - 40) + 0.4 * (value > 40_000))
+            * np.where(fuel == "electric", 0.6, 1.0) * territory_factor)
     return pd.DataFrame({"PolicyRef": [f"P{i:06d}" for i in rng.permutation(rows)],
                          "UWYear": rng.integers(2019, 2024, rows), "ExposureDays": days, "DriverAge": age,
-                         "Fuel": fuel, "Territory": rng.choice([f"T{i:02d}" for i in range(40)], rows),
-                         "VehicleValue": rng.gamma(4.0, 6000.0, rows).round(0),
+                         "Fuel": fuel, "Territory": [f"T{i:02d}" for i in territory], "VehicleValue": value,
                          "ClaimCount": rng.poisson(rate * days / 365)})
 
 
