@@ -1022,6 +1022,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                                'mlops_notebooks/tools/new_project.py'),
                                                    'mlops_notebooks.tools.new_project.set_keys': ( 'tools/new_project.html#set_keys',
                                                                                                    'mlops_notebooks/tools/new_project.py'),
+                                                   'mlops_notebooks.tools.new_project.show_notebook_conflicts': ( 'tools/new_project.html#show_notebook_conflicts',
+                                                                                                                  'mlops_notebooks/tools/new_project.py'),
                                                    'mlops_notebooks.tools.new_project.suggest_objective': ( 'tools/new_project.html#suggest_objective',
                                                                                                             'mlops_notebooks/tools/new_project.py'),
                                                    'mlops_notebooks.tools.new_project.task_main': ( 'tools/new_project.html#task_main',

@@ -5,14 +5,12 @@ bad answers refused in one line with nothing left behind."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import BIN, REPO, run
 
 
@@ -186,3 +184,30 @@ def test_a_failing_copier_task_leaves_no_half_made_project(tmp_path):
     assert result.returncode != 0
     assert "error: target 'claims': no such column" in result.stderr
     assert not dest.exists()
+
+
+@pytest.mark.slow
+def test_a_notebook_conflict_in_an_update_is_shown_cell_by_cell(tmp_path):
+    "Both the user and the template change the same line of a notebook: nbdev-fix makes copier's result a notebook."
+    template = tmp_path / "template"
+    run(["git", "clone", "-q", str(REPO), str(template)], tmp_path)
+    project = tmp_path / "acme"
+    make_project(project, "--package", "acme", template=template)
+    title = '"# '
+    evaluate = project / "nbs/stages/05_evaluate.ipynb"
+    evaluate.write_text(evaluate.read_text().replace(title, '"# (ours) ', 1))
+    run(["git", "commit", "-qam", "our title"], project)
+    upstream = template / "nbs/stages/05_evaluate.ipynb"
+    upstream.write_text(upstream.read_text().replace(title, '"# (template v2) ', 1))
+    run(["git", "commit", "-qam", "template v2"], template)
+
+    run([str(BIN / "copier"), "update", "--trust", "--defaults", "--skip-answered", "--conflict", "inline",
+         "--vcs-ref", "HEAD"], project)
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(evaluate.read_text())  # copier's conflict markers inside the JSON
+    shown = run([str(BIN / "python"), "-m", "mlops_notebooks.tools.new_project", "conflicts"], project, check=False)
+    assert shown.returncode == 1 and "nbs/stages/05_evaluate.ipynb" in shown.stderr  # what `make update` runs
+    cells = ["".join(cell["source"]) for cell in json.loads(evaluate.read_text())["cells"]]
+    marked = [cell for cell in cells if "(ours)" in cell or "(template v2)" in cell]
+    assert any("(ours)" in cell for cell in marked) and any("(template v2)" in cell for cell in marked)
+    assert "`<<<<<<< yours`" in cells and "`>>>>>>> template`" in cells

@@ -26,9 +26,9 @@ from ..stages.schema import parse_periods
 __all__ = ['PLATFORM', 'PLATFORM_SECTIONS', 'MAX_CODE_LEVELS', 'MAX_LISTED_LEVELS', 'check_package_name', 'read_user_table',
            'find_id', 'find_period', 'find_weight', 'suggest_objective', 'column_kind', 'value_range', 'allowed_levels',
            'infer_params', 'infer_validate', 'infer_split', 'yaml_sections', 'drop_sections', 'set_keys', 'params_text',
-           'rename_stage_imports', 'platform_wheel', 'write_lock', 'write_project_params', 'finish_project',
-           'TaskFailed', 'template_root', 'check_answers', 'new_project', 'new_command', 'add_new_project_command',
-           'task_main']
+           'rename_stage_imports', 'show_notebook_conflicts', 'platform_wheel', 'write_lock', 'write_project_params',
+           'finish_project', 'TaskFailed', 'template_root', 'check_answers', 'new_project', 'new_command',
+           'add_new_project_command', 'task_main']
 
 # %% ../../nbs/tools/06_new_project.ipynb #c005
 PLATFORM = "mlops_notebooks"
@@ -184,7 +184,7 @@ def infer_params(table:pd.DataFrame, # the user's table, as read
             kind, why[f"column {column}"] = column_kind(table[column])
             kinds[kind].append(column)
     if not kinds["categorical"] + kinds["numeric"]:
-        raise DataError(f"no feature columns: every column of the table is the target, the id, the period or the weight")
+        raise DataError("no feature columns: every column of the table is the target, the id, the period or the weight")
     data = {"source": source, "id": id_column, "target": target, "weight": weight,
             "target_per_weight": bool(weight) and objective in ("poisson", "tweedie"),
             "period": period, "period_unit": "auto", **kinds, "derived": derived,
@@ -298,6 +298,21 @@ def rename_stage_imports(root:Path, package:str) -> list[Path]:
             notebook.write_text(renamed)
             changed.append(notebook)
     return changed
+
+# %% ../../nbs/tools/06_new_project.ipynb #c037c
+def show_notebook_conflicts(root:Path) -> list[Path]:
+    "Notebooks under `root/nbs` an update left with conflict markers, made notebooks again by nbdev-fix."
+    from nbdev.merge import nbdev_fix
+    conflicted = []
+    for notebook in sorted((Path(root) / "nbs").rglob("*.ipynb")):
+        text = notebook.read_text()
+        if not re.search(r"^<<<<<<< ", text, re.M):
+            continue
+        text = re.sub(r"^<<<<<<< before updating$", "<<<<<<< yours", text, flags=re.M)
+        notebook.write_text(re.sub(r"^>>>>>>> after updating$", ">>>>>>> template", text, flags=re.M))
+        nbdev_fix(str(notebook), noprint=True)  # its result says whether a conflict is left (there is, here)
+        conflicted.append(notebook)
+    return conflicted
 
 # %% ../../nbs/tools/06_new_project.ipynb #c039
 def _tool(name:str) -> str:
@@ -462,8 +477,8 @@ def add_new_project_command(commands):
 def task_main(argv:list[str]|None=None) -> int:
     "The copier tasks' entry: one line on stderr and status 2 for a user error."
     parser = argparse.ArgumentParser(prog="python -m mlops_notebooks.tools.new_project")
-    parser.add_argument("task", choices=["rename", "finish"])
-    parser.add_argument("--package", required=True)
+    parser.add_argument("task", choices=["rename", "finish", "conflicts"])
+    parser.add_argument("--package", default="")
     parser.add_argument("--template", default="")
     parser.add_argument("--data", default="")
     parser.add_argument("--target", default="")
@@ -471,7 +486,13 @@ def task_main(argv:list[str]|None=None) -> int:
     parser.add_argument("--wheel", default="")
     args = parser.parse_args(argv)
     try:
-        if args.task == "rename":
+        if args.task == "conflicts":
+            conflicted = show_notebook_conflicts(Path.cwd())
+            if conflicted:
+                print("conflicts with the template, shown cell by cell in: " + ", ".join(map(str, conflicted))
+                      + "; resolve them, then make export", file=sys.stderr)
+                return 1
+        elif args.task == "rename":
             rename_stage_imports(Path.cwd(), check_package_name(args.package))
         else:
             finish_project(Path.cwd(), Path(args.template), args.package, args.data, args.target, args.id, args.wheel)
