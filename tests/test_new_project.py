@@ -63,7 +63,9 @@ def test_a_synthetic_project_runs_its_pipeline_its_tests_and_audits_its_champion
     assert len(log) == 1 and run(["git", "status", "--porcelain"], project).stdout == ""
 
     make("pipeline", project)
-    assert (project / ".venv/bin/python").resolve() != (REPO / ".venv/bin/python").resolve()
+    # Its own venv, with the platform installed from the wheel (not this working tree's editable install).
+    installed = project / ".venv/lib/python3.11/site-packages"
+    assert (installed / "mlops_notebooks/core/stage.py").is_file() and not (project / ".venv").is_symlink()
     decision = json.loads((project / "reports/register_decision.json").read_text())
     assert decision["outcome"] == "promoted" and decision["model_name"] == "acme-cost"
     make("test", project)
