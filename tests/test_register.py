@@ -9,7 +9,7 @@ import pytest
 import yaml
 from conftest import BIN, copy_project, dvc, run, set_params
 from mlflow import MlflowClient
-from mlops_notebooks.core.tracking import read_decision
+from mlops_notebooks.core.tracking import decision_history, read_decision
 from mlops_notebooks.stages.evaluate import cost_metrics
 from mlops_notebooks.stages.features import row_uniform
 from mlops_notebooks.stages.generator import generate_claims
@@ -17,10 +17,10 @@ from mlops_notebooks.stages.generator import generate_claims
 pytestmark = pytest.mark.slow  # `make test-all` (CI) runs it; `make test` does not
 
 MODEL = "claims-cost"
-# With the small test params: fewer boosting rounds is clearly worse; smaller trees with more rounds is better
-# (measured: mean gamma deviance 0.791 -> 0.775, Gini and MAE within the guards).
+# With the small test params: fewer boosting rounds is clearly worse; smaller trees, a smaller learning rate and
+# more rounds is better (measured on the test split: mean gamma deviance 0.779 -> 0.763, Gini and MAE better too).
 WORSE = {"train": {"max_iter": 5}}
-BETTER = {"train": {"max_iter": 60, "max_leaf_nodes": 8, "min_samples_leaf": 50}}
+BETTER = {"train": {"max_iter": 200, "learning_rate": 0.05, "max_leaf_nodes": 6, "min_samples_leaf": 100}}
 # A Poisson booster with a huge learning rate on heavy-tailed costs: predictions around 1e78 here.
 DIVERGED = {"data": {"objective": "poisson"}, "train": {"learning_rate": 3.0}}
 
@@ -49,6 +49,7 @@ def audit(project: Path, target: str, *flags: str, env: dict | None = None) -> s
 def lifecycle(tmp_path_factory):
     "One project through first model, re-run, worse, better and diverged challengers; the decisions on the way."
     project = copy_project(tmp_path_factory.mktemp("registry"))
+    original = (project / "params.yaml").read_text()
     steps = {}
     dvc(project, "repro")
     steps["first"] = (decision(project), registry_state(project))
@@ -59,8 +60,7 @@ def lifecycle(tmp_path_factory):
         run(["git", "commit", "-qam", f"{name} params"], project)  # a clean tree: the gate may promote
         dvc(project, "repro")
         steps[name] = (decision(project), registry_state(project))
-        set_params(project, {"train": yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())["train"]})
-        set_params(project, {"train": {"max_iter": 40}})
+        (project / "params.yaml").write_text(original)  # every section back (the diverged step changed data too)
         run(["git", "commit", "-qam", "back"], project)
     # Uncommitted: the champion's own params again, a fresh run (no run cache) and a gate it passes by a 0% margin.
     set_params(project, {**BETTER, "register": {"min_relative_improvement": 0.0}})
@@ -159,7 +159,7 @@ def test_audit_matches_the_registry(lifecycle):
     assert report["run_id"] == champion.run_id
     assert report["code"]["git_commit"] == champion.tags["lineage.git_commit"]
     assert report["data"]["data/processed/train.parquet"] == champion.tags["lineage.data.data/processed/train.parquet"]
-    assert report["params"]["train.max_leaf_nodes"] == "8"
+    assert report["params"]["train.max_leaf_nodes"] == "6"
     assert report["decision"]["outcome"] == "promoted" and report["decision"]["champion"]["version"] == 1
     assert report["metrics"]["test_d2"] == client.get_run(champion.run_id).data.metrics["test_d2"]
     # the same model by version number and by run id; text output for people
@@ -167,7 +167,24 @@ def test_audit_matches_the_registry(lifecycle):
     assert json.loads(audit(project, champion.run_id, "--json").stdout)["version"] == 3
     text = audit(project, f"models:/{MODEL}/2").stdout
     assert text.splitlines()[0] == f"{MODEL} version 2  [challenger]" or text.splitlines()[0] == f"{MODEL} version 2"
-    assert "decision   kept_champion" in text and "FAIL  mean_deviance improves" in text
+    assert "decision 1 of 1   kept_champion" in text and "FAIL  mean_deviance improves" in text
+
+
+def test_re_running_register_appends_to_the_decision_history(lifecycle):
+    "The audit trail is append-only: a second decision on version 1 keeps the promotion that made it champion."
+    project, _ = lifecycle
+    client = client_for(project)
+    tags = client.get_model_version(MODEL, "1").tags
+    history = decision_history(tags, client)
+    assert [entry["record"]["outcome"] for entry in history] == ["promoted", "already_champion"]
+    assert tags["decision.count"] == "2" and tags["decision.1.outcome"] == "promoted"
+    assert tags["decision.promotion"] == history[0]["artifact"] != history[1]["artifact"]
+    assert tags["decision.outcome"] == "already_champion", "the latest decision's summary"
+    report = json.loads(audit(project, f"models:/{MODEL}/1", "--json").stdout)
+    assert report["promotion"] == 1 and [entry["number"] for entry in report["decisions"]] == [1, 2]
+    text = audit(project, f"models:/{MODEL}/1").stdout
+    assert "decision 1 of 2   promoted" in text and "(made it the champion)" in text
+    assert "decision 2 of 2   already_champion" in text
 
 
 def test_audit_refuses_what_it_cannot_find(lifecycle):
@@ -263,6 +280,7 @@ def ids(project: Path, part: str) -> set:
 def test_the_gate_compares_the_champion_only_on_rows_it_did_not_learn_from(tmp_path):
     project = copy_project(tmp_path / "project")
     set_params(project, {"features": {"split": "random", "test_share": 0.2}})
+    run(["git", "commit", "-qam", "a random split"], project)  # a clean tree: the gate may promote
     dvc(project, "repro")
     first_train, first_test = ids(project, "train"), ids(project, "test")
     assert decision(project)["outcome"] == "promoted"
@@ -306,8 +324,10 @@ def test_the_gate_compares_the_champion_only_on_rows_it_did_not_learn_from(tmp_p
     dvc(project, "repro")
     record = decision(project)
     assert record["outcome"] == "kept_champion" and record["champion"]["version"] == int(by_hand.version)
-    failed = [check for check in record["checks"] if not check["passed"]]
-    assert len(failed) == 1 and failed[0]["check"] == "compared on >= 100 rows neither model learned from"
-    assert "cannot tell which rows the champion learned from" in failed[0]["detail"]
+    failed = {check["check"]: check["detail"] for check in record["checks"] if not check["passed"]}
+    comparison = "compared on >= 100 rows neither model learned from"
+    # calibration may fail too: uncompared, the challenger's A/E is judged against the tolerance alone
+    assert comparison in failed and set(failed) <= {comparison, "calibration"}, failed
+    assert "cannot tell which rows the champion learned from" in failed[comparison]
     assert record["champion"]["metrics"] == {}
     assert registry_state(project)["aliases"]["champion"] == str(by_hand.version)

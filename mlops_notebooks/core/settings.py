@@ -27,14 +27,34 @@ for _variable, _value in MLFLOW_RETRY_DEFAULTS.items():
     os.environ.setdefault(_variable, _value)
 
 # %% auto #0
-__all__ = ['MLFLOW_RETRY_DEFAULTS', 'ENV_PREFIX', 'NUMBER_SETTINGS', 'TRACKING_SCHEMES', 'UserError', 'ParamsError', 'DataError',
-           'ServiceUnreachable', 'describe_outage', 'brief_user_errors', 'project_root', 'Settings',
-           'read_settings_file', 'parse_number', 'check_tracking_uri', 'load_settings', 'StageParams', 'section_model',
-           'parse_params', 'check_tracking_reachable', 'configure_mlflow']
+__all__ = ['MLFLOW_RETRY_DEFAULTS', 'MAX_MESSAGE', 'ENV_PREFIX', 'NUMBER_SETTINGS', 'FLAG_SETTINGS', 'TRACKING_SCHEMES', 'shown',
+           'cut', 'UserError', 'ParamsError', 'DataError', 'ServiceUnreachable', 'describe_outage', 'brief_user_errors',
+           'project_root', 'Settings', 'read_settings_file', 'parse_flag', 'parse_number', 'check_tracking_uri',
+           'load_settings', 'StageParams', 'section_model', 'parse_params', 'check_tracking_reachable', 'local_store',
+           'open_existing_store', 'configure_mlflow']
 
 # %% ../../nbs/core/00_settings.ipynb #c005
+MAX_MESSAGE = 2000  # characters of an error message; the rest is left out (its length is said)
+
+def shown(value, limit:int=80) -> str:
+    "`repr(value)`, cut to `limit` characters: what a message quotes of a value that may be huge."
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+def cut(text:str, limit:int=MAX_MESSAGE) -> str:
+    "`text` whole, or cut to `limit` characters: a long one keeps its start and end and says how much went."
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    if limit < 400:  # a name, a key: its start is enough
+        return text[:limit - 3] + "..."
+    head, tail = limit - 300, 200
+    return f"{text[:head]} ... ({len(text) - head - tail:,} characters left out) ... {text[-tail:]}"
+
 class UserError(Exception):
     "An error the user can fix: bad data, a bad param or setting, a missing file. The message says what and where."
+    def __init__(self, message:str="", *args):
+        super().__init__(cut(message), *args)
 
 class ParamsError(UserError):
     "A `params.yaml` section has an unknown key, a missing key or a wrongly typed value."
@@ -125,6 +145,7 @@ class Settings:
     prediction_log: str = "predictions.db"   # the service's append-only prediction log (SQLite), under the root
     champion_snapshot: str = ".serving/champion.pkl"  # the service's copy of its last champion, for a fast restart
     max_records_per_request: int = 10_000    # larger prediction requests are refused (413)
+    check_input_ranges: bool = True          # the service and `score` refuse inputs outside params.yaml's validate.ranges
     dvc_remote: str = "dvc-storage"          # DVC remote: a folder (under the root) or s3://bucket/prefix
     s3_endpoint_url: str = ""                # S3-compatible endpoint of an s3:// remote; '' = AWS itself
     dask_scheduler: str = ""                 # Dask scheduler (tls://host:port or tcp://); '' = pandas in process
@@ -134,6 +155,16 @@ class Settings:
 ENV_PREFIX = "MLOPS_"
 
 # %% ../../nbs/core/00_settings.ipynb #c012b
+def _settings_problem(error:configparser.Error) -> str:
+    "What configparser found wrong, in a few words with the line."
+    if isinstance(error, configparser.MissingSectionHeaderError):
+        return f"line {error.lineno} comes before any section header: the settings go under [mlops]"
+    if isinstance(error, configparser.DuplicateOptionError):
+        return f"line {error.lineno}: '{error.option}' is given twice in [{error.section}]"
+    if isinstance(error, configparser.DuplicateSectionError):
+        return f"line {error.lineno}: the section [{error.section}] is given twice"
+    return f"{type(error).__name__}: {shown(str(error).splitlines()[0], 200)}"
+
 def read_settings_file(path:Path) -> dict:
     "The `[mlops]` section of a settings file as a dict; `UserError` for a missing or malformed file."
     parser = configparser.ConfigParser()
@@ -141,8 +172,7 @@ def read_settings_file(path:Path) -> dict:
         if not parser.read(path, encoding="utf-8"):
             raise UserError(f"{path}: settings file not found")
     except configparser.Error as error:
-        first_line = str(error).splitlines()[0]
-        raise UserError(f"{path}: not a valid settings file ({type(error).__name__}: {first_line})") from None
+        raise UserError(f"{path}: not a valid settings file ({_settings_problem(error)})") from None
     except UnicodeDecodeError as error:
         raise UserError(f"{path}: not UTF-8 text (byte {error.start})") from None
     if "mlops" not in parser:
@@ -155,6 +185,15 @@ NUMBER_SETTINGS = {  # name: (type, smallest, largest)
     "max_records_per_request": (int, 1, 10_000_000),
     "model_poll_seconds": (float, 0.05, 86_400.0),
 }
+
+FLAG_SETTINGS = ("check_input_ranges",)
+
+def parse_flag(raw:str, origin:str) -> bool:
+    "A yes/no setting from its text; `UserError` naming `origin` for anything else."
+    words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+    if str(raw).strip().lower() not in words:
+        raise UserError(f"{origin} must be true or false, got {shown(raw)}")
+    return words[str(raw).strip().lower()]
 
 def _origin(name:str, path:Path, environ) -> str:
     variable = ENV_PREFIX + name.upper()
@@ -206,6 +245,8 @@ def load_settings(root:Path|str|None=None, # project root; found from the curren
         values[field.name] = field.default if raw is None or raw == "" else raw
     for name in NUMBER_SETTINGS:
         values[name] = parse_number(name, str(values[name]), _origin(name, path, environ))
+    for name in FLAG_SETTINGS:
+        values[name] = parse_flag(values[name], _origin(name, path, environ))
     uri_origin = ("MLFLOW_TRACKING_URI (from the environment)" if "MLFLOW_TRACKING_URI" in environ
                   else _origin("tracking_uri", path, environ))
     uri = check_tracking_uri(environ.get("MLFLOW_TRACKING_URI", values["tracking_uri"]), uri_origin)
@@ -241,7 +282,7 @@ def section_model(section:str) -> type[StageParams]:
 # %% ../../nbs/core/00_settings.ipynb #c016b
 def _describe(error:dict, section:str) -> str:
     "One line for one pydantic error: `section.key.sub: problem (got value)`."
-    where = ".".join([section, *[str(part) for part in error["loc"]]])
+    where = cut(".".join([section, *[str(part) for part in error["loc"]]]), 120)  # a key, too, can be huge
     if error["type"] == "extra_forbidden":
         return f"{where}: unknown key"
     if error["type"] == "missing":
@@ -250,9 +291,7 @@ def _describe(error:dict, section:str) -> str:
     message = message[0].lower() + message[1:]
     if not error["loc"]:  # a rule across keys: the section itself is the input, too long to echo
         return f"{where}: {message}"
-    shown = repr(error.get("input"))
-    shown = shown if len(shown) <= 80 else shown[:77] + "..."  # a value can be megabytes: echo its start
-    return f"{where}: {message} (got {shown})"
+    return f"{where}: {message} (got {shown(error.get('input'))})"  # a value can be megabytes: echo its start
 
 def parse_params(model:type[StageParams], # the stage's params model
                  section:str,             # its section name in params.yaml
@@ -280,20 +319,45 @@ def check_tracking_reachable(tracking_uri:str, timeout:float=5.0):
                                  f"unreachable ({type(error).__name__})") from None
 
 # %% ../../nbs/core/00_settings.ipynb #c021
+def local_store(tracking_uri:str) -> Path|None:
+    "The file of a SQLite store or the folder of a file store; None for a server or a database elsewhere."
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri[len("sqlite:///"):])
+    if tracking_uri.startswith("file:"):
+        from urllib.parse import urlsplit
+        from urllib.request import url2pathname
+        return Path(url2pathname(urlsplit(tracking_uri).path))
+    return None
+
 def _store_lock(tracking_uri:str):
     "A lock beside a SQLite store (two processes creating its tables at once collide); no lock otherwise."
     from contextlib import nullcontext
     from filelock import FileLock
+    store = local_store(tracking_uri)
     if tracking_uri.startswith("sqlite:///"):
-        return FileLock(tracking_uri[len("sqlite:///"):] + ".init.lock", timeout=300)
+        if not store.parent.is_dir():  # a mistyped path: FileLock would make its folders, MLflow a store in them
+            raise UserError(f"tracking_uri {tracking_uri}: the folder {store.parent} does not exist "
+                            "(settings.ini tracking_uri / MLFLOW_TRACKING_URI)")
+        return FileLock(str(store) + ".init.lock", timeout=300)
     return nullcontext()
+
+def open_existing_store(settings:Settings):
+    "Point MLflow at the tracking store for a command that only reads; `UserError` when a local store is not there."
+    import mlflow
+    check_tracking_reachable(settings.tracking_uri)
+    store = local_store(settings.tracking_uri)
+    if store is not None and not store.exists():
+        raise UserError(f"no MLflow tracking store at {store} (settings.ini tracking_uri / MLFLOW_TRACKING_URI is "
+                        f"{settings.tracking_uri}): run the pipeline first (`make pipeline`), or correct the URI")
+    mlflow.set_tracking_uri(settings.tracking_uri)
 
 def configure_mlflow(settings:Settings, root:Path) -> str:
     "Point MLflow at `settings.tracking_uri`, create the experiment if needed, make it active; return its id."
     import mlflow
     check_tracking_reachable(settings.tracking_uri)
+    lock = _store_lock(settings.tracking_uri)  # before MLflow opens (and so creates) the store
     mlflow.set_tracking_uri(settings.tracking_uri)
-    with _store_lock(settings.tracking_uri):  # the first call creates a new store's tables
+    with lock:  # the first call creates a new store's tables
         experiment = mlflow.get_experiment_by_name(settings.experiment_name)
         if experiment is None:
             local = settings.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in settings.tracking_uri

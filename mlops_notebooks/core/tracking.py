@@ -20,9 +20,9 @@ HEADLINE_METRICS = ("mean_deviance", "d2", "gini", "actual_to_expected", "mae")
 
 # %% auto #0
 __all__ = ['RUN_NAME', 'RUN_NOTE', 'DATASET_CONTEXT', 'REPORT_MIME', 'HEADLINE_METRICS', 'run_name', 'run_tags', 'dataset_input',
-           'log_dataset', 'decision_reason', 'decision_artifact', 'decision_tags', 'run_description', 'describe_run',
-           'publish_decision', 'read_decision', 'report_mark', 'attach_report', 'attached_runs', 'log_reports',
-           'track_stage']
+           'log_dataset', 'decision_reason', 'decision_artifact', 'decision_tags', 'decision_count', 'adopted_tags',
+           'run_description', 'describe_run', 'publish_decision', 'read_decision', 'decision_history', 'report_mark',
+           'attach_report', 'attached_runs', 'log_reports', 'track_stage']
 
 # %% ../../nbs/core/08_tracking.ipynb #t005
 def run_name(stage:str,  # the stage, e.g. train
@@ -81,15 +81,40 @@ def decision_reason(decision:dict) -> str:
     shown = improving[0] if improving else decision["checks"][-1]
     return f"{shown['check']}: {shown['detail']}"
 
-def decision_artifact(decision:dict) -> str:
-    "The artifact path of a decision record: `decisions/<time>-v<version>.json`, one file per decision."
+def decision_artifact(decision:dict, # the decision record
+                      number:int,    # its place in the version's history, from 1
+                     ) -> str:
+    "The artifact path of a version's `number`th decision record: `decisions/v<version>-<number>-<time>.json`."
     time = re.sub(r"[^0-9T]", "", decision["time"].split("+")[0])
-    return f"decisions/{time}-v{decision['challenger']['version']}.json"
+    return f"decisions/v{decision['challenger']['version']}-{number:03d}-{time}.json"
 
-def decision_tags(decision:dict, artifact_uri:str) -> dict:
-    "The model version's summary of a decision: outcome, reason, time, and the URI of the full record."
-    return {"decision.outcome": decision["outcome"], "decision.reason": decision_reason(decision)[:250],
+def decision_tags(decision:dict, artifact_uri:str, number:int) -> dict:
+    "The version's tags for its `number`th decision: its own numbered ones, the latest's summary, the promotion."
+    reason = decision_reason(decision)[:250]
+    tags = {f"decision.{number}.outcome": decision["outcome"], f"decision.{number}.reason": reason,
+            f"decision.{number}.time": decision["time"], f"decision.{number}.artifact": artifact_uri,
+            "decision.count": str(number), "decision.outcome": decision["outcome"], "decision.reason": reason,
             "decision.time": decision["time"], "decision.artifact": artifact_uri}
+    if decision["outcome"] == "promoted":
+        tags.update({"decision.promotion": artifact_uri, "decision.promoted_at": decision["time"]})
+    return tags
+
+# %% ../../nbs/core/08_tracking.ipynb #t012b
+def decision_count(tags:dict) -> int:
+    "How many decisions a version's tags record (a version judged before they were numbered: 1)."
+    if "decision.count" in tags:
+        return int(tags["decision.count"])
+    return 1 if "decision.outcome" in tags or "decision.record" in tags else 0
+
+def adopted_tags(tags:dict) -> dict:
+    "For a version whose one decision predates the numbering: that decision as `decision.1.*` (else {})."
+    if "decision.count" in tags or "decision.outcome" not in tags:
+        return {}
+    adopted = {f"decision.1.{key}": tags[f"decision.{key}"] for key in ("outcome", "reason", "time", "artifact")
+               if f"decision.{key}" in tags}
+    if tags["decision.outcome"] == "promoted" and "decision.artifact" in tags:
+        adopted.update({"decision.promotion": tags["decision.artifact"], "decision.promoted_at": tags.get("decision.time", "")})
+    return {**adopted, "decision.count": "1"}
 
 # %% ../../nbs/core/08_tracking.ipynb #t014
 def _number(value) -> str:
@@ -116,6 +141,10 @@ def run_description(params:dict, # the run's params (flat: `train.estimator`, `d
     if "decision.outcome" in tags:
         lines += ["", f"Gate: **{tags['decision.outcome']}** at {tags.get('decision.time', '?')}: "
                   f"{tags.get('decision.reason', '')}."]
+        if tags["decision.outcome"] != "promoted" and "decision.promoted_at" in tags:
+            lines.append(f"Made champion at {tags['decision.promoted_at']}.")
+        if decision_count(tags) > 1:
+            lines.append(f"{decision_count(tags)} decisions in all (`mlops-notebooks audit` lists them).")
     reports = tags.get("lineage.reports")
     if reports:
         lines += ["", "Executed notebooks (artifacts under `reports/`): " + ", ".join(f"`{report}`" for report in reports.split(","))]
@@ -135,30 +164,52 @@ def publish_decision(client, # an `mlflow.MlflowClient`
                      version,     # the challenger's `ModelVersion`
                      decision:dict, # the decision record
                     ) -> str:
-    "Log the decision record as a JSON artifact of the challenger's run, summarise it on the version; return its URI."
-    artifact = decision_artifact(decision)
+    "Append the decision to the version's history: a new JSON artifact of the run, new numbered tags; return its URI."
+    current = client.get_model_version(name, version.version).tags  # the lineage tags and the decisions so far
+    number = decision_count(current) + 1
+    logged = {artifact.path for artifact in client.list_artifacts(version.run_id, "decisions")}
+    while decision_artifact(decision, number) in logged:  # never write over a record, whatever the tags say
+        number += 1
+    artifact = decision_artifact(decision, number)
     client.log_dict(version.run_id, decision, artifact)
     uri = f"runs:/{version.run_id}/{artifact}"
-    tags = decision_tags(decision, uri)
+    tags = {**adopted_tags(current), **decision_tags(decision, uri, number)}
     for key, value in tags.items():
         client.set_model_version_tag(name, version.version, key, value)
-    version_tags = client.get_model_version(name, version.version).tags  # the lineage tags (evaluation window)
-    description = describe_run(client, version.run_id, {**version_tags, **tags})
+    description = describe_run(client, version.run_id, {**current, **tags})
     client.update_model_version(name, version.version, description=description)
     return uri
+
+def _read_record(uri:str, client=None) -> dict:
+    "The JSON record at a `runs:/<run id>/<path>` artifact URI."
+    import tempfile
+    from mlflow import MlflowClient
+    run_id, _, path = uri.removeprefix("runs:/").partition("/")
+    with tempfile.TemporaryDirectory() as folder:
+        return json.loads(Path((client or MlflowClient()).download_artifacts(run_id, path, folder)).read_text())
 
 def read_decision(tags:dict, # a model version's tags
                   client=None, # the `mlflow.MlflowClient` of its store (default: the configured tracking URI)
                  ) -> dict|str|None:
-    "The decision record a version's tags point at (`decision.artifact`), or an older version's inline record."
+    "The latest decision record of a version (`decision.artifact`), or an older version's inline record."
     if "decision.artifact" in tags:
-        import tempfile
-        from mlflow import MlflowClient
-        run_id, _, path = tags["decision.artifact"].removeprefix("runs:/").partition("/")
-        with tempfile.TemporaryDirectory() as folder:
-            return json.loads(Path((client or MlflowClient()).download_artifacts(run_id, path, folder)).read_text())
+        return _read_record(tags["decision.artifact"], client)
     record = tags.get("decision.record")
     return json.loads(record) if record and record.endswith("}") else record
+
+def decision_history(tags:dict, # a model version's tags
+                     client=None, # the `mlflow.MlflowClient` of its store (default: the configured tracking URI)
+                    ) -> list[dict]:
+    "Every decision on a version, oldest first: `{number, artifact, record}` each."
+    if "decision.count" not in tags:  # one decision from before the numbering, or none
+        record = read_decision(tags, client)
+        return [] if record is None else [{"number": 1, "artifact": tags.get("decision.artifact"), "record": record}]
+    history = []
+    for number in range(1, int(tags["decision.count"]) + 1):
+        uri = tags.get(f"decision.{number}.artifact")
+        if uri:
+            history.append({"number": number, "artifact": uri, "record": _read_record(uri, client)})
+    return history
 
 # %% ../../nbs/core/08_tracking.ipynb #t021
 def report_mark(run_id:str) -> dict:

@@ -17,8 +17,8 @@ from ..core.settings import StageParams
 from .evaluate import METRIC_DIRECTIONS, actual_expected, cost_metrics, deviance_power
 
 # %% auto #0
-__all__ = ['RegisterParams', 'relative_improvement', 'sanity_checks', 'decide', 'recorded_training_rows', 'comparison_summary',
-           'provenance', 'apply_provenance']
+__all__ = ['RegisterParams', 'relative_improvement', 'sanity_checks', 'calibration_against_champion', 'decide',
+           'recorded_training_rows', 'comparison_summary', 'provenance', 'apply_provenance']
 
 # %% ../../nbs/stages/06_register.ipynb #c005
 def _known_metric(name:str) -> str:
@@ -34,7 +34,7 @@ class RegisterParams(StageParams):
     min_relative_improvement: float = Field(0.01, ge=0, le=1) # e.g. 0.01: at least 1% better than the champion
     guard_tolerances: dict[str, float] = {}                   # metric -> largest relative worsening allowed
     max_prediction_ratio: float = Field(10.0, gt=1)           # no prediction above this times the largest observed cost
-    ae_tolerance: float = Field(0.05, ge=0, lt=1)             # the challenger's A/E must lie in [1 - this, 1 + this]
+    ae_tolerance: float = Field(0.05, ge=0, lt=1)             # the challenger's A/E must lie in [1 - this, 1 + this] (or beat the champion's)
     min_comparison_rows: int = Field(100, ge=1)               # rows neither model learned from, at least, to compare them
     promote_from: list[Literal["clean", "dirty", "experiment"]] = ["clean"]  # provenances that may move @champion (below)
 
@@ -94,13 +94,29 @@ def sanity_checks(actual:np.ndarray,    # observed costs of the evaluation data
     return checks
 
 # %% ../../nbs/stages/06_register.ipynb #c011
+def calibration_against_champion(check:dict, # the challenger's calibration check (`sanity_checks`)
+                                 new:dict,   # the challenger's metrics on the comparison rows
+                                 old:dict,   # the champion's, on the same rows
+                                 rows:int,   # how many rows they were compared on
+                                ) -> dict:
+    "The calibration check once a champion is compared: within `ae_tolerance`, or no farther from 1 than the champion."
+    if check["passed"] or "ae" not in new or "ae" not in old:
+        return check
+    closer = abs(new["ae"] - 1) <= abs(old["ae"] - 1)
+    return {"check": "calibration", "passed": bool(closer),
+            "detail": f"{check['detail']}; on the {rows} comparison rows A/E {new['ae']:.4f} against the champion's "
+                      f"{old['ae']:.4f}: {'no farther from 1' if closer else 'farther from 1'}"}
+
 def decide(challenger:dict,       # {"version", "run_id", "metrics", "sanity"}
            champion:dict|None,    # the same for the champion, or None when there is none
            rule:RegisterParams,
           ) -> dict:
     "The decision record: `outcome` is `promoted`, `kept_champion` or `rejected`."
     checks = list(challenger["sanity"])
-    sane = all(check["passed"] for check in checks)
+    # calibration alone does not make a challenger unusable: with a champion, it is judged against the champion's
+    sane = all(check["passed"] for check in checks if check["check"] != "calibration")
+    if champion is None:
+        sane = all(check["passed"] for check in checks)
     compared = champion is not None and sane
     if compared:
         comparison = champion.get("comparison") or {"rows": None, "detail": "not recorded"}
@@ -109,6 +125,8 @@ def decide(challenger:dict,       # {"version", "run_id", "metrics", "sanity"}
                        "passed": bool(compared), "detail": comparison["detail"]})
     if compared:
         new, old = challenger["metrics"], champion["metrics"]
+        checks = [calibration_against_champion(check, new, old, comparison["rows"]) if check["check"] == "calibration"
+                  else check for check in checks]
         gain = relative_improvement(rule.primary_metric, new[rule.primary_metric], old[rule.primary_metric])
         checks.append({"check": f"{rule.primary_metric} improves by >= {rule.min_relative_improvement:.2%}",
                        "passed": bool(gain >= rule.min_relative_improvement), "detail": f"relative improvement {gain:+.4%}"})

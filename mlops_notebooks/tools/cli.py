@@ -10,11 +10,11 @@ import json
 import re
 import sys
 
-from ..core.settings import UserError, configure_mlflow, load_settings, project_root
+from ..core.settings import UserError, load_settings, open_existing_store, project_root
 
 # %% auto #0
-__all__ = ['resolve_target', 'request_record', 'lineage_report', 'format_report', 'audit', 'serve', 'score', 'port_number',
-           'build_parser', 'main']
+__all__ = ['resolve_target', 'request_record', 'lineage_report', 'decision_lines', 'format_report', 'audit', 'serve', 'score',
+           'port_number', 'build_parser', 'main']
 
 # %% ../../nbs/tools/00_cli.ipynb #c004
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -58,7 +58,8 @@ def request_record(prediction_log, request_id:str) -> dict:
 
 # %% ../../nbs/tools/00_cli.ipynb #c004e
 def lineage_report(client, version, run_id:str) -> dict:
-    "Lineage, metrics and decision record of a model version (or of a run that was never registered)."
+    "Lineage, metrics and decision records of a model version (or of a run that was never registered)."
+    from mlops_notebooks.core.tracking import decision_history, read_decision
     run = client.get_run(run_id)
     tags = dict(run.data.tags)
     if version is not None:
@@ -66,8 +67,8 @@ def lineage_report(client, version, run_id:str) -> dict:
     lineage = {key[len("lineage."):]: value for key, value in sorted(tags.items()) if key.startswith("lineage.")}
     data = {key[len("data."):]: lineage.pop(key) for key in list(lineage) if key.startswith("data.")}
     params = {key[len("params."):]: lineage.pop(key) for key in list(lineage) if key.startswith("params.")}
-    from mlops_notebooks.core.tracking import read_decision
-    decision = read_decision(tags, client)  # the JSON artifact the version's `decision.artifact` tag names
+    history = decision_history(tags, client)  # the JSON artifacts the version's `decision.<n>.artifact` tags name
+    promotion = next((entry["number"] for entry in history if entry["artifact"] == tags.get("decision.promotion")), None)
     report = {
         "model": None if version is None else version.name,
         "version": None if version is None else int(version.version),
@@ -79,11 +80,28 @@ def lineage_report(client, version, run_id:str) -> dict:
         "params": params,
         "lineage": lineage,
         "metrics": dict(sorted(run.data.metrics.items())),
-        "decision": decision,
+        "decision": history[-1]["record"] if history else read_decision(tags, client),
+        "decisions": history,
+        "promotion": promotion,
     }
     return report
 
 # %% ../../nbs/tools/00_cli.ipynb #c004f
+def decision_lines(record, # a decision record (or an old version's one-line text)
+                   heading:str, # e.g. `decision 2 of 3`
+                  ) -> list[str]:
+    "A decision for a person: outcome and time, what it was compared with, each check."
+    if not isinstance(record, dict):
+        return [f"{heading}   {record}"]
+    lines = [f"{heading}   {record['outcome']} at {record['time']}"]
+    champion = record.get("champion")
+    if record["outcome"] == "already_champion":
+        lines.append("  it was the champion already: nothing to compare")
+    else:
+        lines.append(f"  against champion version {champion['version']}" if champion else "  no champion at the time")
+    lines += [f"  {'pass' if check['passed'] else 'FAIL'}  {check['check']}: {check['detail']}" for check in record["checks"]]
+    return lines
+
 def format_report(report:dict) -> str:
     "The audit report as text for a person."
     title = (f"{report['model']} version {report['version']}" if report["version"] is not None
@@ -95,14 +113,14 @@ def format_report(report:dict) -> str:
     lines += ["", "params"] + [f"  {key} = {value}" for key, value in report["params"].items()]
     lines += ["", "lineage"] + [f"  {key} = {value}" for key, value in report["lineage"].items()]
     lines += ["", "metrics"] + [f"  {key} = {value:.6g}" for key, value in report["metrics"].items()]
-    decision = report["decision"]
-    if isinstance(decision, dict):
-        lines += ["", f"decision   {decision['outcome']} at {decision['time']}"]
-        champion = decision.get("champion")
-        lines.append(f"  against champion version {champion['version']}" if champion else "  no champion at the time")
-        lines += [f"  {'pass' if check['passed'] else 'FAIL'}  {check['check']}: {check['detail']}" for check in decision["checks"]]
-    elif decision:
-        lines += ["", f"decision   {decision}"]
+    history = report.get("decisions") or []
+    for entry in history:  # the whole history, oldest first
+        heading = f"decision {entry['number']} of {len(history)}"
+        made_champion = "   (made it the champion)" if entry["number"] == report.get("promotion") else ""
+        block = decision_lines(entry["record"], heading)
+        lines += ["", block[0] + made_champion, *block[1:]]
+    if not history and report["decision"]:
+        lines += ["", *decision_lines(report["decision"], "decision")]
     request = report.get("request")
     if request:
         shown = ", ".join(f"{value:.6g}" for value in request["predictions"][:5])
@@ -115,7 +133,7 @@ def audit(args) -> int:
     from mlflow import MlflowClient
     root = project_root()
     settings = load_settings(root)
-    configure_mlflow(settings, root)
+    open_existing_store(settings)  # reading only: a mistyped URI must not become a new, empty store
     client = MlflowClient()
     request = None
     target = args.target
@@ -140,7 +158,7 @@ def score(args) -> int:
     from mlops_notebooks.serving.serve import load_champion, score_file
     root = project_root()
     settings = load_settings(root)
-    configure_mlflow(settings, root)
+    open_existing_store(settings)
     client = MlflowClient()
     version, _ = resolve_target(client, args.model or f"models:/{settings.registered_model_name}@champion",
                                 settings.registered_model_name, command="score --model")

@@ -40,7 +40,7 @@ from nbdev.processors import FilterDefaults, add_show_docs, exec_show_docs
 from nbdev.showdoc import BasicMarkdownRenderer
 from pydantic import BaseModel
 
-from ..core.settings import UserError, configure_mlflow, load_settings
+from ..core.settings import UserError, load_settings, open_existing_store
 from ..core.tracking import decision_reason
 
 # %% auto #0
@@ -1176,7 +1176,7 @@ def build_model_card(root:Path, staging:Path, report_pages:dict):
     verdict = json.loads(verdict_file.read_text()) if verdict_file.exists() else None
     calibration = (None, "")
     if report is not None:
-        configure_mlflow(load_settings(root), root)  # the champion's model is loaded from the registry
+        open_existing_store(load_settings(root))  # the champion's model is loaded from the registry
         calibration = champion_calibration(root, report, name)
     (staging / "model-card.md").write_text(card_markdown(report, latest, uri, name, card_statements(root), calibration,
                                                          verdict, report_pages))
