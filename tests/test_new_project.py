@@ -53,7 +53,9 @@ def test_a_synthetic_project_runs_its_pipeline_its_tests_and_audits_its_champion
     assert "from acme_claims.stages.schema import" in ingest and "mlops_notebooks.stages" not in ingest
     assert "from mlops_notebooks.core.stage import start_stage" in ingest  # the platform, as a dependency
     assert (project / "acme_claims/stages/train.py").exists() and not (project / "mlops_notebooks").exists()
-    assert "acme_claims/stages/ingest.py" in (project / "dvc.yaml").read_text()
+    dvc_yaml = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    assert "acme_claims/stages/ingest.py" in dvc_yaml["ingest"]["deps"]
+    assert all("platform" in stage["deps"] for stage in dvc_yaml.values())  # a new platform wheel re-runs them
     wheels = list((project / "platform").glob("mlops_notebooks-*.whl"))
     assert len(wheels) == 1 and f"./platform/{wheels[0].name}" in (project / "requirements.lock").read_text()
     assert "# acme-claims" in (project / "README.md").read_text()
