@@ -91,6 +91,12 @@ def test_site_has_every_page(site, repro_project):
         assert (site / "reports" / f"{report.stem}.html").is_file(), report.name
 
 
+def test_start_a_new_project_comes_first_after_the_home_page(site):
+    home = _html(site, "index.html")
+    assert "Start a new project" in _html(site, "new-project.html")
+    assert 0 <= home.find('href="new-project.html"') < home.find('href="add-a-stage.html"')  # before the guides
+
+
 def test_api_page_shows_signatures_argument_tables_and_examples(site):
     page = _html(site, "api/stages/03_features.html")
     assert "split_by_month" in page and "latest months to hold out" in page

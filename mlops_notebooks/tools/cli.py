@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_team_commands(commands)  # `stack up|down|status` and `remote`: the shared team setup
     from mlops_notebooks.tools.report import add_report_command
     add_report_command(commands)  # `report --against REF`: what a change does to the model
+    from mlops_notebooks.tools.new_project import add_new_project_command
+    add_new_project_command(commands)  # `new DEST`: a project of your own from the template (copier)
     return parser
 
 # %% ../../nbs/tools/00_cli.ipynb #c008g

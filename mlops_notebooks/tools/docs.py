@@ -47,18 +47,18 @@ from ..core.tracking import decision_reason
 __all__ = ['CHECKS', 'SHOWING_CALLS', 'EXPORT_DIRECTIVES', 'CELL_KEYS', 'CACHE', 'EMPTY_VALUES', 'REMOVE_CELL', 'REMOVE_INPUT',
            'REMOVE_OUTPUT', 'IMAGE_TYPES', 'LINKED_FILES', 'PIPELINE_CELL', 'NO_REPORTS', 'CARD_STATEMENTS',
            'CARD_KEYS', 'BOX_WIDTH', 'BOX_HEIGHT', 'STEP', 'BOX_STYLES', 'SVG_STYLE', 'STAGING', 'SITE', 'GUIDES',
-           'API_SECTIONS', 'SITE_CSS', 'field_comments', 'constraint_text', 'field_table', 'unannotated_none',
-           'without_none_type', 'argument_table', 'ArgTableRenderer', 'shows_output', 'exported_module',
-           'project_config', 'skipped_in_docs', 'calls_show_doc', 'run_examples', 'api_processors', 'report_processors',
-           'process_notebook', 'library_fingerprint', 'processed_api_notebook', 'api_notebooks', 'format_number',
-           'format_cell', 'dataframe_table', 'QuartoOptions', 'front_matter', 'output_markdown', 'notebook_markdown',
-           'retarget_links', 'write_page', 'stage_sections', 'report_intro', 'report_view', 'json_table',
-           'reports_overview', 'card_statements', 'actual_to_expected', 'calibration_table', 'markdown_table',
-           'champion_calibration', 'decision_markdown', 'card_markdown', 'shown_uri', 'champion_report',
-           'pipeline_layout', 'pipeline_svg', 'PipelineDiagram', 'pipeline_picture', 'latest_run', 'command_helps',
-           'cli_reference', 'broken_links', 'relative_not_found_page', 'library_notebooks', 'api_pages', 'links_from',
-           'source_link', 'build_api_pages', 'exported_module_name', 'build_report_pages', 'build_model_card',
-           'home_links', 'build_site', 'main']
+           'FIRST_GUIDE', 'API_SECTIONS', 'SITE_CSS', 'field_comments', 'constraint_text', 'field_table',
+           'unannotated_none', 'without_none_type', 'argument_table', 'ArgTableRenderer', 'shows_output',
+           'exported_module', 'project_config', 'skipped_in_docs', 'calls_show_doc', 'run_examples', 'api_processors',
+           'report_processors', 'process_notebook', 'library_fingerprint', 'processed_api_notebook', 'api_notebooks',
+           'format_number', 'format_cell', 'dataframe_table', 'QuartoOptions', 'front_matter', 'output_markdown',
+           'notebook_markdown', 'retarget_links', 'write_page', 'stage_sections', 'report_intro', 'report_view',
+           'json_table', 'reports_overview', 'card_statements', 'actual_to_expected', 'calibration_table',
+           'markdown_table', 'champion_calibration', 'decision_markdown', 'card_markdown', 'shown_uri',
+           'champion_report', 'pipeline_layout', 'pipeline_svg', 'PipelineDiagram', 'pipeline_picture', 'latest_run',
+           'command_helps', 'cli_reference', 'broken_links', 'relative_not_found_page', 'library_notebooks',
+           'api_pages', 'links_from', 'source_link', 'build_api_pages', 'exported_module_name', 'build_report_pages',
+           'build_model_card', 'home_links', 'build_site', 'main']
 
 # %% ../../nbs/tools/02_docs.ipynb #c005
 def field_comments(model:type) -> dict:
@@ -1062,6 +1062,7 @@ def relative_not_found_page(page:Path):
 # %% ../../nbs/tools/02_docs.ipynb #c031
 STAGING, SITE = "_docs_md", "_docs"
 GUIDES = "docs"  # hand-written pages (Markdown), in the navigation in file name order
+FIRST_GUIDE = "new-project.md"  # "Start a new project": first in the navigation, right after the home page
 
 API_SECTIONS = ("stages", "core", "serving", "tools")  # the library's rooms, in the order the navigation shows them
 
@@ -1217,8 +1218,9 @@ def build_site(root:Path|str, # the project root (with mkdocs.yml, nbs/, docs/)
     report_pages = {f"reports/{Path(page).name.removesuffix('.md')}.ipynb": page
                     for entry in reports_nav[1:] for page in entry.values()}
     build_model_card(root, staging, report_pages)
-    nav = [{"Home": "index.md"}, {"Guides": [guide.name for guide in guides]}, {"Reports": reports_nav},
-           {"Model card": "model-card.md"}, {"API": api_nav}]
+    first = [{"Start a new project": FIRST_GUIDE}] if (root / GUIDES / FIRST_GUIDE).exists() else []
+    nav = [{"Home": "index.md"}, *first, {"Guides": [guide.name for guide in guides if guide.name != FIRST_GUIDE]},
+           {"Reports": reports_nav}, {"Model card": "model-card.md"}, {"API": api_nav}]
     config = load_config(str(root / "mkdocs.yml"), docs_dir=str(staging), site_dir=str(root / SITE),
                          nav=nav, strict=True)
     try:

@@ -31,13 +31,14 @@ HANDWRITTEN = "dvc.handwritten.yaml"       # stages the contracts cannot express
 PAPERMILL = '"$DVC_ROOT"/.venv/bin/python -m papermill --engine stage --no-progress-bar --log-level ERROR'
 
 # %% auto #0
-__all__ = ['HANDWRITTEN', 'PAPERMILL', 'GENERATED_HEADER', 'STAGE_EVENTS', 'package_name', 'imported_modules', 'default_exp',
-           'is_export', 'runs_in_stage', 'Library', 'load_library', 'module_deps', 'all_contracts', 'stage_definition',
-           'read_handwritten', 'render_dvc_yaml', 'generate_dvc_yaml', 'parameters_cell', 'parameters_sections',
-           'params_reads', 'starts_stage', 'import_module_of', 'params_models', 'small_value_problems',
-           'params_value_problems', 'lint_params', 'dvc_layout', 'params_layout_problems', 'stale_dvc_yaml',
-           'check_project', 'next_notebook_number', 'stage_notebook', 'add_stage', 'export_modules', 'stage_event',
-           'summary_table', 'repro', 'stages_command', 'add_stage_command', 'repro_command', 'add_pipeline_commands']
+__all__ = ['HANDWRITTEN', 'PAPERMILL', 'PLATFORM_WHEELS', 'GENERATED_HEADER', 'STAGE_EVENTS', 'package_name', 'imported_modules',
+           'default_exp', 'is_export', 'runs_in_stage', 'Library', 'load_library', 'module_deps', 'all_contracts',
+           'stage_definition', 'read_handwritten', 'render_dvc_yaml', 'generate_dvc_yaml', 'parameters_cell',
+           'parameters_sections', 'params_reads', 'starts_stage', 'import_module_of', 'params_models',
+           'small_value_problems', 'params_value_problems', 'lint_params', 'dvc_layout', 'params_layout_problems',
+           'stale_dvc_yaml', 'check_project', 'next_notebook_number', 'stage_notebook', 'add_stage', 'export_modules',
+           'stage_event', 'summary_table', 'repro', 'stages_command', 'add_stage_command', 'repro_command',
+           'add_pipeline_commands']
 
 # %% ../../nbs/tools/01_pipeline.ipynb #c009
 def package_name(root:Path) -> str:
@@ -149,10 +150,16 @@ def _output(entry) -> str|dict:
     "A `dvc.yaml` output: its path, or `{path: options}`."
     return {entry.path: dict(entry.options)} if entry.options else entry.path
 
+# A project made from the template (`mlops-notebooks new`) runs on the platform wheel in this folder: a new wheel
+# (the platform updated) re-runs every stage, as an edit of the platform's modules does here.
+PLATFORM_WHEELS = "platform"
+
 def stage_definition(contract:Contract, library:Library) -> dict:
     "The `dvc.yaml` entry of one stage contract."
+    platform = [PLATFORM_WHEELS] if (library.root / PLATFORM_WHEELS).is_dir() else []
     stage = {"cmd": f"{PAPERMILL} {contract.notebook} {contract.report} -f params.yaml",
-             "deps": [contract.notebook, *module_deps(library, contract.notebook), *[entry.path for entry in contract.inputs]]}
+             "deps": [contract.notebook, *module_deps(library, contract.notebook), *platform,
+                      *[entry.path for entry in contract.inputs]]}
     if contract.params:
         stage["params"] = list(contract.params)
     stage["outs"] = [*[_output(entry) for entry in contract.outputs], contract.report]
