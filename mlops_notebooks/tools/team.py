@@ -722,6 +722,8 @@ def stack_command(args) -> int:
         stopped = (stop_stack if args.action == "down" else destroy_stack)(state_dir)
         kept = "its data is kept (make stack-destroy wipes it)" if args.action == "down" else "its data is removed"
         print(f"team stack {args.action}: stopped {', '.join(stopped) or 'nothing (no process was running)'}; {kept}")
+    elif not (state_dir / STACK_FILE).exists():  # an answer, not an error: nothing has been started here
+        print(f"no team stack here ({STATE_DIR}/{STACK_FILE} is absent): `make stack-up` starts one")
     else:
         info = load_stack(state_dir)
         for name in info.services:
