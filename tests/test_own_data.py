@@ -246,7 +246,8 @@ def test_make_retrain_judges_a_bad_batch_and_exits_cleanly(own_project, tmp_path
     import shutil
     project = tmp_path / "project"
     shutil.copytree(own_project, project, symlinks=True)
-    (project / ".venv").symlink_to(Path(os.sys.executable).parents[1])  # `make` runs the project's own venv
+    if not (project / ".venv").exists():  # `make` runs the project's own venv (a copy may have its link already)
+        (project / ".venv").symlink_to(Path(os.sys.executable).parents[1])
     book = pd.read_csv(project / PARAMS["data"]["source"])
     month = book[(book["CalYear"] == 2023) & (book["Exppdays"] > 0)].head(600).assign(Exppdays=0)
     (project / "data/incoming").mkdir(exist_ok=True)
