@@ -71,7 +71,8 @@ def test_the_decision_is_an_artifact_with_a_short_summary(tracked):
                                                           if key.startswith("decision."))
     assert read_decision(version.tags, client) == decision
     logged = [artifact.path for artifact in client.list_artifacts(run.info.run_id, "decisions")]
-    assert len(logged) == 1 and logged[0].endswith(f"-v{decision['challenger']['version']}.json")
+    # one numbered record per decision on a version: decisions/v<version>-<n>-<time>.json (append-only)
+    assert len(logged) == 1 and logged[0].startswith(f"decisions/v{decision['challenger']['version']}-001-")
 
 
 def test_the_executed_reports_are_the_runs_artifacts(tracked, tmp_path):
