@@ -98,7 +98,7 @@ def test_two_fresh_repros_give_the_same_data_and_metrics(repro_project, tmp_path
     again = copy_project(tmp_path)
     dvc(again, "repro")
     assert _locked_hashes(again) == _locked_hashes(repro_project)
-    assert len(_locked_hashes(again)) == 5  # raw, interim, quarantine, train, test
+    assert len(_locked_hashes(again)) == 6  # raw, interim, quarantine, its incoming record, train, test
     assert (json.loads((again / "reports/metrics.json").read_text())
             == json.loads((repro_project / "reports/metrics.json").read_text()))
     assert file_md5(again / "data/raw/claims.parquet") == file_md5(repro_project / "data/raw/claims.parquet")

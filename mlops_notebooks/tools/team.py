@@ -56,7 +56,7 @@ def secret_values(environ:dict|None=None) -> list[str]:
     return [environ[name] for name in ["MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY"] if environ.get(name)]
 
 # %% ../../nbs/tools/04_team.ipynb #c006b
-SECRETS_FILE = "secrets.json"
+SECRETS_FILE = "secrets.json"  # pragma: allowlist secret
 
 def write_private(path:Path, content:bytes|str):
     "Create `path` with mode 0600 from the start (it must not exist) and write `content`."
