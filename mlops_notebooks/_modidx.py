@@ -375,6 +375,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                 'mlops_notebooks/core/tracking.py'),
                                                'mlops_notebooks.core.tracking.describe_run': ( 'core/tracking.html#describe_run',
                                                                                                'mlops_notebooks/core/tracking.py'),
+                                               'mlops_notebooks.core.tracking.free_report_name': ( 'core/tracking.html#free_report_name',
+                                                                                                   'mlops_notebooks/core/tracking.py'),
                                                'mlops_notebooks.core.tracking.log_dataset': ( 'core/tracking.html#log_dataset',
                                                                                               'mlops_notebooks/core/tracking.py'),
                                                'mlops_notebooks.core.tracking.log_reports': ( 'core/tracking.html#log_reports',

@@ -526,9 +526,9 @@ def bucket_state(info, credentials) -> dict:
     return {item["Key"]: item["ETag"] for page in pages for item in page.get("Contents", [])}
 
 
-def kept(before: dict, after: dict) -> bool:
-    "Whether everything in `before` is still in `after`, unchanged (new things may have come)."
-    return all(key in after and after[key] == value for key, value in before.items())
+def lost(before: dict, after: dict) -> list:
+    "What of `before` is gone from `after` or changed there (new things may have come)."
+    return sorted(key for key, value in before.items() if after.get(key) != value)
 
 
 def test_stack_down_keeps_the_data_and_up_clears_what_a_killed_server_left(stack, team_project, monkeypatch):
@@ -607,8 +607,8 @@ def test_kill_9_during_stages_fails_fast_in_one_line_and_recovers(stack, team_pr
     assert started == ["postgres", "seaweedfs", "mlflow"]
     dvc(team_project, "repro", env=env)
     recovered = registry_state(client)  # a register run re-decides (decision.* tags); lineage and runs stay
-    assert kept(registry["versions"], recovered["versions"]) and registry["runs"] <= recovered["runs"]
-    assert kept(bucket, bucket_state(info, credentials))
+    assert not lost(registry["versions"], recovered["versions"]) and registry["runs"] <= recovered["runs"]
+    assert not lost(bucket, bucket_state(info, credentials))
 
     # The workers, during train on the cluster: no worker left, the stage stops instead of waiting forever.
     set_params(team_project, {"train": {"max_iter": 41}})
@@ -631,8 +631,8 @@ def test_kill_9_during_stages_fails_fast_in_one_line_and_recovers(stack, team_pr
     dvc(team_project, "repro", env=env)
     assert dvc(team_project, "status", env=env).stdout.strip().endswith("Data and pipelines are up to date.")
     after = registry_state(client)
-    assert kept(registry["versions"], after["versions"]) and registry["runs"] <= after["runs"]
-    assert kept(bucket, bucket_state(info, credentials)), "nothing the stack held before is lost"
+    assert not lost(registry["versions"], after["versions"]) and registry["runs"] <= after["runs"]
+    assert not lost(bucket, bucket_state(info, credentials)), "nothing the stack held before is lost"
     trained = json.loads((team_project / "models/train_run.json").read_text())
     assert client.get_run(trained["run_id"]).data.params["train.max_iter"] == "41"
     assert trained["run_id"] in {run_id for run_id, _ in after["versions"].values()}, "the new run is registered"

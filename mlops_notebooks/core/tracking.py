@@ -22,7 +22,7 @@ HEADLINE_METRICS = ("mean_deviance", "d2", "gini", "actual_to_expected", "mae")
 __all__ = ['RUN_NAME', 'RUN_NOTE', 'DATASET_CONTEXT', 'REPORT_MIME', 'HEADLINE_METRICS', 'run_name', 'run_tags', 'dataset_input',
            'log_dataset', 'decision_reason', 'decision_artifact', 'decision_tags', 'decision_count', 'adopted_tags',
            'run_description', 'describe_run', 'publish_decision', 'read_decision', 'decision_history', 'report_mark',
-           'attach_report', 'attached_runs', 'log_reports', 'track_stage']
+           'attach_report', 'attached_runs', 'free_report_name', 'log_reports', 'track_stage']
 
 # %% ../../nbs/core/08_tracking.ipynb #t005
 def run_name(stage:str,  # the stage, e.g. train
@@ -232,6 +232,15 @@ def attached_runs(notebook) -> list[str]:
                 runs.append(run_id)
     return runs
 
+def free_report_name(logged:set, # the artifact paths the run has under `reports/`
+                     name:str,    # the executed notebook's file name, e.g. 06_register.ipynb
+                    ) -> str:
+    "`reports/<name>`, or `reports/<stem>.<k><suffix>` with the first free k ≥ 2 when an earlier execution holds it."
+    candidate, k, path = f"reports/{name}", 2, Path(name)
+    while candidate in logged:
+        candidate, k = f"reports/{path.stem}.{k}{path.suffix}", k + 1
+    return candidate
+
 def log_reports(notebook, # the executed notebook
                 output_path:str|None, # where papermill writes it, e.g. reports/04_train.ipynb
                 root:Path|str=".",   # the project root (the stage's working directory)
@@ -247,7 +256,8 @@ def log_reports(notebook, # the executed notebook
         configure_mlflow(load_settings(root), Path(root))
         client = MlflowClient()
         for run_id in runs:
-            client.log_text(run_id, nbformat.writes(notebook), f"reports/{Path(output_path).name}")
+            logged = {artifact.path for artifact in client.list_artifacts(run_id, "reports")}
+            client.log_text(run_id, nbformat.writes(notebook), free_report_name(logged, Path(output_path).name))
     except Exception as error:  # the stage's outputs are written and good: say what is missing, do not fail it
         print(f"warning: the executed notebook {output_path} was not logged to MLflow: {error}", file=sys.stderr)
         return []
