@@ -227,7 +227,8 @@ def test_one_params_file_runs_the_whole_pipeline_on_the_extract(own_project):
     assert 1.0 < metrics["mean_actual"] / metrics["mean_predicted"] < 1.6, metrics
     groups = pd.read_csv(own_project / "reports/plots/error_by_group.csv")
     assert groups["group"].astype(str).tolist() == ["2023"]
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{own_project}/mlflow.db")
+    uri = f"sqlite:///{own_project}/mlflow.db"  # both named: an earlier test may have set the process-wide registry URI
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     run_id = json.loads((own_project / "models/train_run.json").read_text())["run_id"]
     tags = client.get_run(run_id).data.tags
     assert tags["training_window"] == "2022..2022"

@@ -70,7 +70,8 @@ def test_a_leftover_plot_is_neither_read_nor_logged(repro_project, tmp_path):
     (project / "reports/plots/error_by_month.png").write_bytes(b"an older evaluate's plot")
     dvc(project, "repro", "--force", "--single-item", "evaluate")
     run_id = json.loads((project / "models/train_run.json").read_text())["run_id"]
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
+    uri = f"sqlite:///{project}/mlflow.db"  # both named: an earlier test may have set the process-wide registry URI
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     logged = {Path(artifact.path).name for artifact in client.list_artifacts(run_id, "plots")}
     assert logged == {"predicted_vs_actual.png", "error_by_group.png", "feature_importance.png"}
 

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def tracked(repro_project):
-    client = MlflowClient(tracking_uri=f"sqlite:///{repro_project}/mlflow.db")
+    uri = f"sqlite:///{repro_project}/mlflow.db"  # both named: an earlier test may have set the process-wide registry URI
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     trained = json.loads((repro_project / "models/train_run.json").read_text())
     return repro_project, client, client.get_run(trained["run_id"])
 
