@@ -168,7 +168,8 @@ def test_answers_predictions_of_the_champion(service, project):
     assert one.json()["request_id"] != many.json()["request_id"]
 
     health = requests.get(service.url + "/health", timeout=5).json()
-    assert health == {"status": "ok", "model_name": MODEL, "model_version": 1}
+    assert (health["status"], health["model_name"], health["model_version"]) == ("ok", MODEL, 1)
+    assert health["champion_watcher"] == "running" and health["poll_seconds"] > 0
     model = requests.get(service.url + "/model", timeout=5).json()
     tags = json.loads(run([str(BIN / "mlops-notebooks"), "audit", "1", "--json"], project).stdout)
     assert model["version"] == 1 and model["run_id"] == tags["run_id"]

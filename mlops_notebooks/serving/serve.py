@@ -28,7 +28,7 @@ from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_confi
 from typing_extensions import TypedDict  # pydantic needs typing_extensions' on Python < 3.12
 
 from ..core.predictions import INSERT_PREDICTION, log_rows, open_log, read_prediction_log
-from ..core.settings import DataError, ParamsError, Settings, UserError
+from ..core.settings import DataError, ParamsError, Settings, UserError, cut
 
 log = logging.getLogger("mlops_notebooks.serving.serve")
 
@@ -552,6 +552,9 @@ class ChampionWatcher:
         self.current: Champion | None = None
         self.confirmed = False  # True once the registry has said the serving champion is its alias's model
         self.compiling: threading.Thread | None = None  # compiling the latest champion's trees
+        self.last_check: str | None = None  # when the registry last answered (ISO time, UTC)
+        self.last_error: str | None = None  # the last failed check, kept until a check succeeds
+        self.died: str | None = None        # why the watching thread ended, if it ended other than by `stop`
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="champion-watcher", daemon=True)
 
@@ -628,13 +631,32 @@ class ChampionWatcher:
         self.compiling.start()
 
     def _watch(self):
+        try:
+            self._poll()
+        except BaseException as error:  # the thread ends: say so in the log and in /health, never silently
+            self.died = f"{type(error).__name__}: {error}"
+            log.error("champion %s: the watcher stopped (%s); serving version %s until the service is restarted",
+                      self.name, self.died, self.current.version if self.current else None)
+
+    def _poll(self):
         wait = 0 if not self.confirmed else self.poll_seconds  # a warm start asks the registry at once
         while not self._stop.wait(wait):
             wait = self.poll_seconds
             try:
                 self.check_once()
+                self.last_check, self.last_error = datetime.now(timezone.utc).isoformat(timespec="seconds"), None
             except Exception as error:  # a registry hiccup or a broken version must not stop serving
+                self.last_error = f"{type(error).__name__}: {cut(str(error))}"
                 log.error("champion %s: keeping version %s: %s", self.name, self.current.version, error)
+
+    def health(self) -> tuple[bool, dict]:
+        "(whether the service follows the registry, what /health shows of the watcher)."
+        following = self.died is None and (self._thread.is_alive() or not self._thread.ident)
+        shown = {"champion_watcher": "running" if following else f"stopped: {self.died or 'ended'}",
+                 "poll_seconds": self.poll_seconds, "last_registry_check": self.last_check}
+        if self.last_error:
+            shown["last_registry_error"] = self.last_error
+        return following, shown
 
     def start(self):
         self._thread.start()
@@ -775,8 +797,15 @@ def create_app(watcher:ChampionWatcher,          # holds the serving champion (l
 
     @app.get("/health")
     async def health():
-        champion = watcher.current
-        return {"status": "ok", "model_name": champion.name, "model_version": champion.version}
+        champion, (following, shown) = watcher.current, watcher.health()
+        body = {"status": "ok" if following else "degraded", "model_name": champion.name,
+                "model_version": champion.version, **shown}
+        if following:
+            return body
+        # 503: the service still answers, but will never follow @champion again; an orchestrator should restart it
+        return Response(orjson.dumps({**body, "detail": "the champion watcher stopped: the service will not follow "
+                                      "the registry's @champion until it is restarted"}),
+                        status_code=503, media_type="application/json")
 
     @app.get("/model")
     async def model():
