@@ -7,13 +7,14 @@ __all__ = ['PIPELINE_DIRECTIVES', 'PYTHON_LANGUAGE_INFO', 'USER_ERROR_NAMES', 'F
            'in_process_shell_class', 'runs_in_this_python', 'can_run_in_process', 'with_working_directory',
            'kernel_like_process', 'runs_in_pipeline', 'mark_skipped_cells', 'execute_cells_in_process', 'StageProgress',
            'stage_engines', 'encrypted_kernel_manager', 'StageEngine', 'StageKernelEngine', 'OutputNotWritten',
-           'declared_outputs', 'keep_failed_report', 'restore_last_good', 'failure_note', 'report_failures_briefly',
-           'check_outputs_written']
+           'declared_outputs', 'clear_staging_leftovers', 'keep_failed_report', 'restore_last_good', 'failure_note',
+           'report_failures_briefly', 'check_outputs_written']
 
 # %% ../../nbs/core/04_engine.ipynb #c010
 import atexit
 import builtins
 import gc
+import glob
 import io
 import os
 import platform
@@ -441,6 +442,8 @@ class _EngineFront:
         progress = None
         if os.environ.get("DVC_STAGE"):  # under DVC: the lines its own output lacks
             progress = StageProgress(os.environ["DVC_STAGE"])
+            for leftover in clear_staging_leftovers(declared_outputs(input_path)):
+                progress.say(f"removed {leftover}: an unfinished write of a run that was killed")
             progress.start(sum(cell.cell_type == "code" for cell in nb.cells) - skipped, str(input_path))
             progress.run_ticker()
         _RUNNING["progress"] = progress
@@ -511,6 +514,20 @@ def _remove(path:Path):
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+def clear_staging_leftovers(outputs:list[str], # the stage's declared outputs
+                            root:Path|str=".",
+                           ) -> list[str]:
+    "Remove what a killed run's atomic writes left beside these outputs (`.<name>.*.partial`); return what went."
+    removed = []
+    for relative in outputs:
+        target = Path(root) / relative
+        if not target.parent.is_dir():
+            continue
+        for leftover in sorted(target.parent.glob(f".{glob.escape(target.name)}.*.partial")):
+            _remove(leftover)  # only this stage writes beside its outputs, and DVC runs one stage at a time
+            removed.append(leftover.relative_to(root).as_posix())
+    return removed
 
 def keep_failed_report(output_path:str|None, root:Path|str=".") -> str|None:
     "Move the failed run's executed notebook to `reports/failed/`; return where it went."

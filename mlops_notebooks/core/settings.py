@@ -9,6 +9,8 @@ import configparser
 import math
 import os
 import re
+import socket
+import sys
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import ClassVar
@@ -27,11 +29,12 @@ for _variable, _value in MLFLOW_RETRY_DEFAULTS.items():
     os.environ.setdefault(_variable, _value)
 
 # %% auto #0
-__all__ = ['MLFLOW_RETRY_DEFAULTS', 'MAX_MESSAGE', 'ENV_PREFIX', 'NUMBER_SETTINGS', 'FLAG_SETTINGS', 'TRACKING_SCHEMES', 'shown',
-           'cut', 'UserError', 'ParamsError', 'DataError', 'ServiceUnreachable', 'describe_outage', 'brief_user_errors',
-           'project_root', 'Settings', 'read_settings_file', 'parse_flag', 'parse_number', 'check_tracking_uri',
-           'load_settings', 'StageParams', 'section_model', 'parse_params', 'check_tracking_reachable', 'local_store',
-           'open_existing_store', 'configure_mlflow']
+__all__ = ['MLFLOW_RETRY_DEFAULTS', 'MAX_MESSAGE', 'ENV_PREFIX', 'NUMBER_SETTINGS', 'FLAG_SETTINGS', 'TRACKING_SCHEMES',
+           'CHECKOUT', 'shown', 'cut', 'UserError', 'ParamsError', 'DataError', 'ServiceUnreachable', 'describe_outage',
+           'brief_user_errors', 'project_root', 'Settings', 'read_settings_file', 'parse_flag', 'parse_number',
+           'check_tracking_uri', 'load_settings', 'StageParams', 'section_model', 'parse_params',
+           'check_tracking_reachable', 'local_store', 'open_existing_store', 'configure_mlflow', 'checkout_id',
+           'end_killed_runs']
 
 # %% ../../nbs/core/00_settings.ipynb #c005
 MAX_MESSAGE = 2000  # characters of an error message; the rest is left out (its length is said)
@@ -352,7 +355,7 @@ def open_existing_store(settings:Settings):
     mlflow.set_tracking_uri(settings.tracking_uri)
 
 def configure_mlflow(settings:Settings, root:Path) -> str:
-    "Point MLflow at `settings.tracking_uri`, create the experiment if needed, make it active; return its id."
+    "Point MLflow at `settings.tracking_uri`, create the experiment if needed, make it active (ending the runs a killed stage of this checkout left RUNNING); return its id."
     import mlflow
     check_tracking_reachable(settings.tracking_uri)
     lock = _store_lock(settings.tracking_uri)  # before MLflow opens (and so creates) the store
@@ -367,4 +370,27 @@ def configure_mlflow(settings:Settings, root:Path) -> str:
         else:
             experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
+    end_killed_runs(mlflow.MlflowClient(), experiment_id, checkout_id(root))  # what a killed stage left RUNNING
     return experiment_id
+
+# %% ../../nbs/core/00_settings.ipynb #killed-code
+CHECKOUT = "mlops.checkout"  # the run tag naming the checkout (host:folder) whose pipeline started the run
+
+def checkout_id(root:Path|str=".") -> str:
+    "`host:/path/of/the/checkout`: where a pipeline run started."
+    return f"{socket.gethostname()}:{Path(root).resolve()}"
+
+def end_killed_runs(client,            # an `mlflow.MlflowClient`
+                    experiment_id:str,
+                    checkout:str,      # `checkout_id()` of the checkout now starting a stage
+                   ) -> list[str]:
+    "End as KILLED the runs `checkout` left RUNNING in the experiment; return their ids."
+    running = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'")
+    left = [run.info.run_id for run in running if run.data.tags.get(CHECKOUT) == checkout]
+    for run_id in left:
+        client.set_tag(run_id, "mlops.ended_by", "a later stage of the same checkout: the stage that started the run "
+                                                 "was killed before it could end it")
+        client.set_terminated(run_id, status="KILLED")
+        print(f"MLflow run {run_id} was left RUNNING by a killed stage of this checkout: ended as KILLED",
+              file=sys.stderr)
+    return left

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .settings import CHECKOUT, checkout_id
+
 RUN_NAME, RUN_NOTE, DATASET_CONTEXT = "mlflow.runName", "mlflow.note.content", "mlflow.data.context"  # MLflow's system tags
 REPORT_MIME = "application/vnd.mlops-notebooks.report+json"  # the mark `attach_report` leaves in a cell's output
 HEADLINE_METRICS = ("mean_deviance", "d2", "gini", "actual_to_expected", "mae")
@@ -37,9 +39,9 @@ def run_name(stage:str,  # the stage, e.g. train
     short = commit[:6] if commit != "unknown" else "nogit"
     return f"{stage}-{short}" + ("-dirty" if lineage.get("lineage.git_dirty") == "true" else "")
 
-def run_tags(stage:str, lineage:dict, environ:dict|None=None) -> dict:
-    "The run's name as a tag, for `mlflow.start_run(tags=...)`."
-    return {RUN_NAME: run_name(stage, lineage, environ)}
+def run_tags(stage:str, lineage:dict, environ:dict|None=None, root:Path|str=".") -> dict:
+    "The run's name and its checkout as tags, for `mlflow.start_run(tags=...)`."
+    return {RUN_NAME: run_name(stage, lineage, environ), CHECKOUT: checkout_id(root)}
 
 # %% ../../nbs/core/08_tracking.ipynb #t008
 def dataset_input(frame:pd.DataFrame, # the table as the stage read it
