@@ -25,7 +25,7 @@ class IngestParams(StageParams):
     "The `ingest` section of params.yaml: the synthetic generator (used when `data.source` is empty)."
     section: ClassVar[str] = "ingest"
     seed: int = 0                         # seed of the generator
-    n_claims: int = Field(gt=0)           # claims to generate
+    n_claims: int = Field(gt=0, le=50_000_000)  # claims to generate (bounded: 50 M rows already need ~10 GB)
     start_month: str                      # first report month, YYYY-MM
     n_months: int = Field(gt=0, le=600)   # report months to generate
     drift: DriftKnobs = DriftKnobs()
