@@ -54,6 +54,9 @@ def test_a_contract_change_makes_dvc_yaml_stale_until_it_is_generated(tmp_path):
         "run `mlops-notebooks stages generate`"]
     checked = run([CLI, "stages", "check"], project, check=False)
     assert checked.returncode == 1 and "stage 'features' (nbs/stages/03_features.ipynb)" in checked.stdout
+    refused = run([CLI, "repro"], project, check=False)  # what `make pipeline` runs: DVC never starts
+    assert refused.returncode == 2 and refused.stderr.startswith("dvc.yaml is stale: stage 'features'"), refused.stderr
+    assert not (project / "dvc.lock").exists() and not (project / "data/raw/claims.parquet").exists()
 
     run([CLI, "stages", "generate"], project)
     assert "data/sources/calendar.csv" in yaml.safe_load((project / "dvc.yaml").read_text())["stages"]["features"]["deps"]

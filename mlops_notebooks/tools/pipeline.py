@@ -605,6 +605,13 @@ def repro(arguments:list[str],    # passed on to `dvc repro` (or `dvc exp run`)
     import time
     echo = echo or sys.stdout
     root = Path(root) if root else project_root()
+    try:
+        stale = stale_dvc_yaml(root)
+    except ContractError as error:
+        stale = [str(error)]
+    if stale:  # DVC would run the stages as the old dvc.yaml has them
+        print("\n".join(stale), file=sys.stderr)
+        return 2
     command = [str(Path(sys.executable).parent / "dvc"), *(["exp", "run"] if experiment else ["repro"]), *arguments]
     rows, started = [], time.monotonic()
     with subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -681,7 +688,8 @@ def add_pipeline_commands(commands):
     new_stage.set_defaults(handler=add_stage_command)
     reproduce = commands.add_parser(
         "repro", help="dvc repro (or dvc exp run) with a summary table of the stages at the end",
-        description="Run `dvc repro` (with --exp: `dvc exp run`) from this environment, showing its output, then a "
+        description="Check that dvc.yaml is what the contracts generate (exit 2 when it is stale), then run `dvc repro` "
+                    "(with --exp: `dvc exp run`) from this environment, showing its output, then a "
                     "table: each stage, whether it ran, came from the run cache or was up to date, and its duration.")
     reproduce.add_argument("--exp", action="store_true", help="run `dvc exp run` (an experiment) instead")
     reproduce.add_argument("arguments", nargs=argparse.REMAINDER, help="passed on to dvc (e.g. -S train.max_iter=100)")
