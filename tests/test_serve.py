@@ -166,6 +166,10 @@ def test_answers_predictions_of_the_champion(service, project):
     assert np.allclose(many.json()["predictions"], expected, rtol=1e-10)
     assert str(uuid.UUID(many.json()["request_id"])) == many.json()["request_id"] == many.headers["X-Request-ID"]
     assert one.json()["request_id"] != many.json()["request_id"]
+    flags = [{**record, "injury": bool(record["injury"]), "litigation": bool(record["litigation"])} for record in records]
+    as_the_source_writes_them = post(service.url, flags)  # true/false, as in the raw claims: read as 1/0
+    assert as_the_source_writes_them.status_code == 200, as_the_source_writes_them.text
+    assert np.allclose(as_the_source_writes_them.json()["predictions"], expected, rtol=1e-10)
 
     health = requests.get(service.url + "/health", timeout=5).json()
     assert (health["status"], health["model_name"], health["model_version"]) == ("ok", MODEL, 1)
@@ -253,7 +257,9 @@ def _bad_requests(good: dict) -> list[tuple]:
         ("an unknown field", body({**good, "regoin": "north"}), "application/json", 422, "regoin"),
         ("null where a value is required", body({**good, "sum_insured": None}), "application/json", 422, "sum_insured"),
         ("a string for a number", body({**good, "policyholder_age": "40"}), "application/json", 422, "policyholder_age"),
-        ("a boolean for a number", body({**good, "sum_insured": True}), "application/json", 422, "sum_insured"),
+        ("a boolean (read as 1) below a number's range", body({**good, "policyholder_age": True}), "application/json", 422,
+         "policyholder_age"),
+        ("a boolean and a string", body({**good, "injury": True, "litigation": "no"}), "application/json", 422, "litigation"),
         ("NaN", body(good).replace(b'"initial_reserve": ', b'"initial_reserve": NaN, "x": '), "application/json", 422, None),
         ("Infinity", b'{"sum_insured": Infinity}', "application/json", 422, None),
         ("a number overflowing to infinity", body({**good, "sum_insured": 1}).replace(b'"sum_insured": 1', b'"sum_insured": 1e400'),

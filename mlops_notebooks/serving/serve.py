@@ -35,13 +35,13 @@ log = logging.getLogger("mlops_notebooks.serving.serve")
 # %% auto #0
 __all__ = ['log', 'MAX_EXACT_INTEGER', 'RANGES', 'PARALLEL_ROWS', 'LINEAGE_SUMMARY', 'SNAPSHOT_FORMAT', 'LOG_QUEUE_LIMIT',
            'MAX_BYTES_PER_RECORD', 'InputColumn', 'input_specs', 'signature_columns', 'spec_columns',
-           'encoder_categories', 'record_validator', 'describe_errors', 'declared_ranges', 'input_ranges',
-           'allowed_range', 'out_of_range', 'range_lines', 'FastEncoding', 'booster_threads', 'TreeliteTrees',
-           'CompiledTrees', 'c_compiler', 'compiled_library', 'compile_trees', 'treelite_trees', 'Champion',
-           'probe_records', 'make_champion', 'champion_from_columns', 'lineage_summary', 'champion_version',
-           'artifact_checksum', 'version_checksum', 'load_champion', 'write_snapshot', 'read_snapshot',
-           'ChampionWatcher', 'PredictionLog', 'parse_records', 'create_app', 'registry_client', 'build_service',
-           'serve', 'score_frame', 'model_inputs', 'score_file']
+           'encoder_categories', 'record_validator', 'describe_errors', 'booleans_as_numbers', 'checked_records',
+           'declared_ranges', 'input_ranges', 'allowed_range', 'out_of_range', 'range_lines', 'FastEncoding',
+           'booster_threads', 'TreeliteTrees', 'CompiledTrees', 'c_compiler', 'compiled_library', 'compile_trees',
+           'treelite_trees', 'Champion', 'probe_records', 'make_champion', 'champion_from_columns', 'lineage_summary',
+           'champion_version', 'artifact_checksum', 'version_checksum', 'load_champion', 'write_snapshot',
+           'read_snapshot', 'ChampionWatcher', 'PredictionLog', 'parse_records', 'create_app', 'registry_client',
+           'build_service', 'serve', 'score_frame', 'model_inputs', 'score_file']
 
 # %% ../../nbs/serving/00_serve.ipynb #c005
 MAX_EXACT_INTEGER = 2**53
@@ -125,6 +125,36 @@ def describe_errors(error:ValidationError, limit:int=50) -> list[dict]:
             problem["input"] = shown if len(shown) <= 80 else shown[:77] + "..."
         problems.append(problem)
     return problems
+
+def booleans_as_numbers(records:list, error:ValidationError) -> list|None:
+    "The records with each JSON boolean in a number field as 1.0/0.0; None when `error` holds any other problem."
+    fixes = []
+    for item in error.errors(include_url=False):
+        location = item["loc"]
+        if item["type"] != "float_type" or not isinstance(item.get("input"), bool) or len(location) != 2:
+            return None
+        fixes.append(location)
+    fixed = list(records)
+    for index, name in fixes:
+        if fixed[index] is records[index]:  # copy a record only when it changes: the client's dicts stay as they came
+            fixed[index] = dict(records[index])
+        fixed[index][name] = float(records[index][name])
+    return fixed
+
+def checked_records(validator:TypeAdapter, records:list) -> tuple[list, ValidationError|None]:
+    "(records as the model takes them, None), or (records, the contract's error). A source's true/false flags count as 1/0."
+    try:
+        validator.validate_python(records)
+        return records, None
+    except ValidationError as error:
+        fixed = booleans_as_numbers(records, error)  # ingest and validate read a flag column's true/false as 1/0
+        if fixed is None:
+            return records, error
+    try:
+        validator.validate_python(fixed)
+        return fixed, None
+    except ValidationError as error:  # (not expected: every problem was a flag)
+        return records, error
 
 # %% ../../nbs/serving/00_serve.ipynb #ranges-code
 _NUMBER_KINDS = ("double", "float", "long", "integer")
@@ -776,9 +806,8 @@ def create_app(watcher:ChampionWatcher,          # holds the serving champion (l
         if problem:
             return _problem(*problem)
         champion = watcher.current  # read once: this request is answered wholly by this version
-        try:
-            champion.validator.validate_python(records)
-        except ValidationError as error:
+        records, error = checked_records(champion.validator, records)
+        if error is not None:
             errors = describe_errors(error)
             fields = sorted({e["field"] for e in errors if e["field"]})
             named = f": {', '.join(fields)}" if fields else " (each record must be a JSON object)"
