@@ -46,12 +46,12 @@ REPO = Path(__file__).resolve().parents[1]
 def sections():
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     from mlops_notebooks.stages.monitor import MonitorParams
-    from mlops_notebooks.stages.register import RegisterParams
     from mlops_notebooks.stages.schema import DataParams
     from mlops_notebooks.stages.train import TrainParams
-    from mlops_notebooks.tools.replay import ReplayParams
-    return (DataParams(**params["data"]), TrainParams(**params["train"]), RegisterParams(**params["register"]),
-            MonitorParams(**params["monitor"]), ReplayParams(**params["replay"]))
+    from mlops_notebooks.tools.replay import ReplayParams, replay_rule
+    replay = ReplayParams(**params["replay"])
+    return (DataParams(**params["data"]), TrainParams(**params["train"]), replay_rule(params["register"], replay),
+            MonitorParams(**params["monitor"]), replay)
 
 
 def replays(seeds: list[int]) -> dict:

@@ -1214,6 +1214,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                               'mlops_notebooks/tools/replay.py'),
                                               'mlops_notebooks.tools.replay.replay_months': ( 'tools/replay.html#replay_months',
                                                                                               'mlops_notebooks/tools/replay.py'),
+                                              'mlops_notebooks.tools.replay.replay_rule': ( 'tools/replay.html#replay_rule',
+                                                                                            'mlops_notebooks/tools/replay.py'),
                                               'mlops_notebooks.tools.replay.summarise': ( 'tools/replay.html#summarise',
                                                                                           'mlops_notebooks/tools/replay.py'),
                                               'mlops_notebooks.tools.replay.train_candidate': ( 'tools/replay.html#train_candidate',

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
-from ..core.settings import ParamsError, StageParams
+from ..core.settings import ParamsError, StageParams, parse_params
 from ..stages.evaluate import cost_metrics
 from ..stages.features import FeaturesParams, select_features, split_claims, trained_rows, training_record
 from ..stages.generator import DriftKnobs, generate_claims
@@ -25,8 +25,8 @@ from ..stages.schema import DataParams, check_month
 from ..stages.train import TrainParams, feature_frame, fit_model, sample_weight
 
 # %% auto #0
-__all__ = ['ReplayParams', 'Candidate', 'train_candidate', 'gate', 'monthly_error', 'replay_months', 'plot_timeline',
-           'write_replay', 'summarise', 'main']
+__all__ = ['ReplayParams', 'replay_rule', 'Candidate', 'train_candidate', 'gate', 'monthly_error', 'replay_months',
+           'plot_timeline', 'write_replay', 'summarise', 'main']
 
 # %% ../../nbs/tools/03_replay.ipynb #c005
 class ReplayParams(StageParams):
@@ -41,6 +41,7 @@ class ReplayParams(StageParams):
     window_months: int = Field(12, ge=1)           # re-training: months of training data before them
     output: str = "reports/replay"                 # where the timeline, its plot and the decision records go
     drift: DriftKnobs = DriftKnobs(start_month="2024-04", inflation_monthly=0.02, mix_shift=0.5, concept_shift=1.5)
+    gate: dict = {}                                # the gate's rule in the replay: these keys over the `register` section
     _month = field_validator("start_month")(check_month)
 
     @model_validator(mode="after")
@@ -52,6 +53,12 @@ class ReplayParams(StageParams):
     def months(self) -> list[str]:
         "The replayed months, YYYY-MM."
         return [str(month) for month in pd.period_range(self.start_month, periods=self.n_months, freq="M")]
+
+def replay_rule(register:dict,         # params.yaml's `register` section
+                params:ReplayParams,
+               ) -> RegisterParams:
+    "The gate's rule in the replay: the project's `register` section, with the replay's `gate` keys over it."
+    return parse_params(RegisterParams, "replay.gate", {**register, **params.gate})
 
 # %% ../../nbs/tools/03_replay.ipynb #c008
 @dataclass
@@ -234,7 +241,7 @@ def main(argv:list[str]|None=None) -> dict:
     def show(row):
         print(f"{row['month']}: {row['verdict']:<8} error never {row['error_never']:.4f} loop {row['error_loop']:.4f}"
               + (f"  gate: {row['outcome']}" if row["outcome"] else ""), flush=True)
-    timeline, decisions = replay_months(params, data, section("train", TrainParams), section("register", RegisterParams),
+    timeline, decisions = replay_months(params, data, section("train", TrainParams), replay_rule(sections.get("register", {}), params),
                                         section("monitor", MonitorParams), on_month=show)
     write_replay(timeline, decisions, output, params.drift.start_month)
     figures = summarise(timeline)
