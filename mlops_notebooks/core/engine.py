@@ -7,8 +7,8 @@ __all__ = ['PIPELINE_DIRECTIVES', 'PYTHON_LANGUAGE_INFO', 'USER_ERROR_NAMES', 'F
            'in_process_shell_class', 'runs_in_this_python', 'can_run_in_process', 'with_working_directory',
            'kernel_like_process', 'runs_in_pipeline', 'mark_skipped_cells', 'execute_cells_in_process', 'StageProgress',
            'stage_engines', 'encrypted_kernel_manager', 'StageEngine', 'StageKernelEngine', 'OutputNotWritten',
-           'declared_outputs', 'clear_staging_leftovers', 'keep_failed_report', 'restore_last_good', 'failure_note',
-           'report_failures_briefly', 'check_outputs_written']
+           'declared_outputs', 'clear_staging_leftovers', 'mark_stage_running', 'keep_failed_report',
+           'restore_last_good', 'failure_note', 'report_failures_briefly', 'check_outputs_written']
 
 # %% ../../nbs/core/04_engine.ipynb #c010
 import atexit
@@ -440,10 +440,12 @@ class _EngineFront:
         skipped = mark_skipped_cells(nb)
         input_path, output_path = kwargs.get("input_path"), kwargs.get("output_path")
         progress = None
+        mark = None
         if os.environ.get("DVC_STAGE"):  # under DVC: the lines its own output lacks
             progress = StageProgress(os.environ["DVC_STAGE"])
             for leftover in clear_staging_leftovers(declared_outputs(input_path)):
                 progress.say(f"removed {leftover}: an unfinished write of a run that was killed")
+            mark = mark_stage_running(os.environ["DVC_STAGE"])
             progress.start(sum(cell.cell_type == "code" for cell in nb.cells) - skipped, str(input_path))
             progress.run_ticker()
         _RUNNING["progress"] = progress
@@ -462,6 +464,8 @@ class _EngineFront:
             if progress is not None:
                 progress.stop_ticker()
                 progress.end(failed)
+            if mark is not None:
+                mark.unlink(missing_ok=True)
             report_failures_briefly(input_path, output_path)
         if not failed:
             check_outputs_written(input_path, output_path)
@@ -528,6 +532,16 @@ def clear_staging_leftovers(outputs:list[str], # the stage's declared outputs
             _remove(leftover)  # only this stage writes beside its outputs, and DVC runs one stage at a time
             removed.append(leftover.relative_to(root).as_posix())
     return removed
+
+def mark_stage_running(stage:str, root:Path|str=".") -> Path:
+    "End what a killed stage of this checkout left in MLflow (`close_killed_stage`), then mark this one as running."
+    import json
+    import socket
+    from mlops_notebooks.core.settings import STAGE_MARK, close_killed_stage
+    close_killed_stage(root)
+    mark = Path(root) / STAGE_MARK
+    mark.write_text(json.dumps({"stage": stage, "pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+    return mark
 
 def keep_failed_report(output_path:str|None, root:Path|str=".") -> str|None:
     "Move the failed run's executed notebook to `reports/failed/`; return where it went."

@@ -30,11 +30,11 @@ for _variable, _value in MLFLOW_RETRY_DEFAULTS.items():
 
 # %% auto #0
 __all__ = ['MLFLOW_RETRY_DEFAULTS', 'MAX_MESSAGE', 'ENV_PREFIX', 'NUMBER_SETTINGS', 'FLAG_SETTINGS', 'TRACKING_SCHEMES',
-           'CHECKOUT', 'shown', 'cut', 'UserError', 'ParamsError', 'DataError', 'ServiceUnreachable', 'describe_outage',
-           'brief_user_errors', 'project_root', 'Settings', 'read_settings_file', 'parse_flag', 'parse_number',
-           'check_tracking_uri', 'load_settings', 'StageParams', 'section_model', 'parse_params',
+           'CHECKOUT', 'STAGE_MARK', 'shown', 'cut', 'UserError', 'ParamsError', 'DataError', 'ServiceUnreachable',
+           'describe_outage', 'brief_user_errors', 'project_root', 'Settings', 'read_settings_file', 'parse_flag',
+           'parse_number', 'check_tracking_uri', 'load_settings', 'StageParams', 'section_model', 'parse_params',
            'check_tracking_reachable', 'local_store', 'open_existing_store', 'configure_mlflow', 'checkout_id',
-           'end_killed_runs']
+           'process_alive', 'end_killed_runs', 'close_killed_stage']
 
 # %% ../../nbs/core/00_settings.ipynb #c005
 MAX_MESSAGE = 2000  # characters of an error message; the rest is left out (its length is said)
@@ -355,7 +355,7 @@ def open_existing_store(settings:Settings):
     mlflow.set_tracking_uri(settings.tracking_uri)
 
 def configure_mlflow(settings:Settings, root:Path) -> str:
-    "Point MLflow at `settings.tracking_uri`, create the experiment if needed, make it active (ending the runs a killed stage of this checkout left RUNNING); return its id."
+    "Point MLflow at `settings.tracking_uri`, create the experiment if needed, make it active; return its id."
     import mlflow
     check_tracking_reachable(settings.tracking_uri)
     lock = _store_lock(settings.tracking_uri)  # before MLflow opens (and so creates) the store
@@ -370,7 +370,6 @@ def configure_mlflow(settings:Settings, root:Path) -> str:
         else:
             experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
-    end_killed_runs(mlflow.MlflowClient(), experiment_id, checkout_id(root))  # what a killed stage left RUNNING
     return experiment_id
 
 # %% ../../nbs/core/00_settings.ipynb #killed-code
@@ -379,6 +378,20 @@ CHECKOUT = "mlops.checkout"  # the run tag naming the checkout (host:folder) who
 def checkout_id(root:Path|str=".") -> str:
     "`host:/path/of/the/checkout`: where a pipeline run started."
     return f"{socket.gethostname()}:{Path(root).resolve()}"
+
+STAGE_MARK = ".stage-running.json"  # under the project root while a stage runs (git-ignored)
+
+def process_alive(mark:dict) -> bool|None:
+    "Whether the mark's process still runs: None when it cannot be told (another host)."
+    if mark.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(int(mark["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError, KeyError, TypeError):
+        return None
+    return True
 
 def end_killed_runs(client,            # an `mlflow.MlflowClient`
                     experiment_id:str,
@@ -394,3 +407,29 @@ def end_killed_runs(client,            # an `mlflow.MlflowClient`
         print(f"MLflow run {run_id} was left RUNNING by a killed stage of this checkout: ended as KILLED",
               file=sys.stderr)
     return left
+
+def close_killed_stage(root:Path|str=".") -> list[str]:
+    "If the last stage of this checkout was killed (its mark outlived its process), end the runs it left; their ids."
+    import json
+    mark_path = Path(root) / STAGE_MARK
+    if not (Path(root) / "settings.ini").exists():
+        return []  # not a project of this template: no MLflow of its own
+    try:
+        mark = json.loads(mark_path.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(mark, dict) or process_alive(mark) is not False:
+        return []
+    mark_path.unlink(missing_ok=True)
+    try:
+        settings = load_settings(root)
+        open_existing_store(settings)
+        import mlflow
+        experiment = mlflow.get_experiment_by_name(settings.experiment_name)
+        if experiment is None:
+            return []
+        return end_killed_runs(mlflow.MlflowClient(), experiment.experiment_id, checkout_id(root))
+    except Exception as error:  # tidying must never stop the stage that found the mark
+        print(f"warning: the stage '{mark.get('stage')}' was killed; its MLflow runs were not checked: {error}",
+              file=sys.stderr)
+        return []
