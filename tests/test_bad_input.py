@@ -188,9 +188,9 @@ def test_an_unreadable_incoming_batch_is_set_aside_and_the_pipeline_goes_on(tmp_
 
 
 def test_a_stage_killed_holding_its_mlflow_run_leaves_nothing_running_after_the_next_run(repro_project, tmp_path):
-    """kill -9 of `dvc repro` while evaluate holds the training run open: the run stays RUNNING, the stage's mark stays
-    in the checkout. The next `dvc repro` ends the run as KILLED (saying so), runs the stages, and leaves no run
-    RUNNING and no mark behind."""
+    """kill -9 of `dvc repro` while a stage holds its MLflow run open (train logging its model, or evaluate adding the
+    test metrics): the run stays RUNNING, the stage's mark stays in the checkout. The next `dvc repro` ends the run as
+    KILLED (saying so), runs the stages, and leaves no run RUNNING and no mark behind."""
     import os
     import signal
     import subprocess
@@ -198,24 +198,31 @@ def test_a_stage_killed_holding_its_mlflow_run_leaves_nothing_running_after_the_
 
     from conftest import project_env
     from mlflow import MlflowClient
-    project = _copy_of_a_good_run(repro_project, tmp_path / "project")
-    _with_params(project, {"evaluate": {"importance_repeats": 2}})  # evaluate (and register) run again
-    run(["git", "commit", "-qam", "more importance repeats"], project)
+    project = copy_project(tmp_path / "project")  # its own checkout: runs are tagged with the folder they started in
+    dvc(project, "repro")
+    run(["git", "add", "dvc.lock"], project)
+    run(["git", "commit", "-qm", "a pipeline run"], project)
+    _with_params(project, {"train": {"max_iter": 41}})  # train, evaluate and register run again
+    run(["git", "commit", "-qam", "one more iteration"], project)
     uri = f"sqlite:///{project}/mlflow.db"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    trained = json.loads((project / "models/train_run.json").read_text())["run_id"]
+    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+
+    def running():
+        return [found.info.run_id for found in client.search_runs(experiments, "attributes.status = 'RUNNING'")]
+
     repro = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=project, env=project_env(), start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and client.get_run(trained).info.status != "RUNNING":
-        assert repro.poll() is None, "the stages ended before evaluate was caught holding the run"
-        time.sleep(0.2)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not running():
+        assert repro.poll() is None, "the stages ended before one was caught holding its run"
+        time.sleep(0.05)
     os.killpg(repro.pid, signal.SIGKILL)
     repro.wait()
-    assert client.get_run(trained).info.status == "RUNNING" and (project / ".stage-running.json").exists()
+    left = running()
+    assert len(left) == 1 and (project / ".stage-running.json").exists(), left
 
     again = dvc(project, "repro")
-    assert f"MLflow run {trained} was left RUNNING by a killed stage of this checkout: ended as KILLED" in again.stderr
-    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
-    assert client.search_runs(experiments, filter_string="attributes.status = 'RUNNING'") == []
-    assert "ended_by" in " ".join(client.get_run(trained).data.tags) and not (project / ".stage-running.json").exists()
+    assert f"MLflow run {left[0]} was left RUNNING by a killed stage of this checkout: ended as KILLED" in again.stderr
+    assert running() == [] and not (project / ".stage-running.json").exists()
+    assert "mlops.ended_by" in client.get_run(left[0]).data.tags

@@ -391,7 +391,10 @@ def process_alive(mark:dict) -> bool|None:
         return False
     except (PermissionError, OverflowError, ValueError, KeyError, TypeError):
         return None
-    return True
+    try:  # a killed process whose parent died too may stay a zombie until init reaps it: it is not running
+        return Path(f"/proc/{int(mark['pid'])}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 def end_killed_runs(client,            # an `mlflow.MlflowClient`
                     experiment_id:str,
