@@ -235,7 +235,9 @@ def test_the_report_shows_the_param_and_the_metric_deltas(experimented):
     old, new, change = (cell.strip() for cell in deviance.split("|")[2:5])
     assert float(new) - float(old) == pytest.approx(float(change), rel=1e-3) and float(change) != 0
     assert "## The gate against the champion" in report
-    assert "**passed_not_promoted**" in report or "**kept_champion**" in report  # an experiment never promotes
+    # an experiment never promotes (the gate may also refuse it: A/E of a small experiment's test months is noisy)
+    assert any(f"**{outcome}**" in report for outcome in ("passed_not_promoted", "kept_champion", "rejected"))
+    assert "**promoted**" not in report
     page = run([str(BIN / "mlops-notebooks"), "report", "--against", "HEAD~1", "--format", "html"], project).stdout
     assert page.startswith("<!DOCTYPE html>") and "data:image/png;base64," in page
     unknown = run([str(BIN / "mlops-notebooks"), "report", "--against", "no-such-ref"], project, check=False)
