@@ -133,7 +133,7 @@ fremtpl2-frequency fremtpl2-pure-premium: $(STAMP)
 	mkdir -p data/sources
 	cp $(FREMTPL2)/freMTPL2freq.csv $(FREMTPL2)/freMTPL2sev.csv data/sources/
 	cp examples/fremtpl2/$(patsubst fremtpl2_%,%,$(subst -,_,$@)).yaml params.yaml
-	MLOPS_REGISTERED_MODEL_NAME=$@ MLOPS_EXPERIMENT_NAME=$@ $(BIN)/dvc repro
+	MLOPS_REGISTERED_MODEL_NAME=$@ MLOPS_EXPERIMENT_NAME=$@ $(BIN)/mlops-notebooks repro
 
 # The loop on the real project: the monitor judges data/incoming with the current champion (--single-item: it does
 # not first re-train on the batch it judges); a DVC stage cannot skip its downstream, so the retrain policy
@@ -141,9 +141,9 @@ fremtpl2-frequency fremtpl2-pure-premium: $(STAMP)
 # (labelled incoming files join the claims) through train, evaluate and the registry gate. Under on_drift the
 # monitor defers re-training while the flagged months would only be the gate's test months (see nbs/11_monitor).
 retrain: $(STAMP)
-	$(BIN)/dvc repro --single-item monitor
+	$(BIN)/mlops-notebooks repro --single-item monitor
 	@if $(BIN)/python -c "import json, sys; sys.exit(0 if json.load(open('reports/monitor_verdict.json'))['retrain'] else 1)"; \
-	then $(BIN)/dvc repro register; else $(BIN)/python -c "import json; v = json.load(open('reports/monitor_verdict.json')); \
+	then $(BIN)/mlops-notebooks repro register; else $(BIN)/python -c "import json; v = json.load(open('reports/monitor_verdict.json')); \
 	print('no re-training after this verdict (' + v['verdict'] + '): ' + v.get('retrain_deferred', 'monitor.retrain is ' + v['retrain_policy']))"; fi
 
 # Months of generated claims with drift (the `replay` section of params.yaml): reports/replay/.

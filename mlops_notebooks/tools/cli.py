@@ -224,7 +224,12 @@ def main(argv:list[str]|None=None) -> int:
     import os
     # As the Makefile does: no MLflow download bars on stderr (`score` loading a model), so an error is one line there.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and getattr(args, "arguments", None) is not None:  # `repro`: every option is DVC's (-S, --single-item)
+        args.arguments = [*unknown, *args.arguments]
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.handler(args)
     except UserError as error:
