@@ -273,7 +273,7 @@ def params_reads(cells:list[dict], sections:set[str]) -> dict:
             continue
         for call in _calls(cell["source"], "parse_params"):
             if len(call.args) >= 2 and isinstance(call.args[1], ast.Constant) and isinstance(call.args[1].value, str):
-                section = call.args[1].value.split(".")[0]  # "replay.register": a key of the replay section
+                section = call.args[1].value.split(".")[0]  # "replay.gate": a key of the replay section
                 reads.setdefault(section, f'parse_params(..., "{call.args[1].value}", ...)')
         for call in _calls(cell["source"], "start_stage"):
             for keyword in call.keywords:

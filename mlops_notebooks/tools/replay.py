@@ -58,7 +58,8 @@ def replay_rule(register:dict,         # params.yaml's `register` section
                 params:ReplayParams,
                ) -> RegisterParams:
     "The gate's rule in the replay: the project's `register` section, with the replay's `gate` keys over it."
-    return parse_params(RegisterParams, "replay.gate", {**register, **params.gate})
+    parse_params(RegisterParams, "register", register or {})  # a problem of the section itself is named as such
+    return parse_params(RegisterParams, "replay.gate", {**(register or {}), **params.gate})
 
 # %% ../../nbs/tools/03_replay.ipynb #c008
 @dataclass
