@@ -483,6 +483,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                 'mlops_notebooks/serving/serve.py'),
                                                'mlops_notebooks.serving.serve._kind': ( 'serving/serve.html#_kind',
                                                                                         'mlops_notebooks/serving/serve.py'),
+                                               'mlops_notebooks.serving.serve._now': ( 'serving/serve.html#_now',
+                                                                                       'mlops_notebooks/serving/serve.py'),
                                                'mlops_notebooks.serving.serve._number': ( 'serving/serve.html#_number',
                                                                                           'mlops_notebooks/serving/serve.py'),
                                                'mlops_notebooks.serving.serve._passes_through': ( 'serving/serve.html#_passes_through',

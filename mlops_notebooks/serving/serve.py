@@ -568,6 +568,9 @@ def read_snapshot(path:Path|str, registry:str, name:str) -> Champion|None:
     return champion_from_columns(kept["name"], kept["version"], kept["run_id"], kept["model"], kept["columns"],
                                  kept["lineage"], kept["checksum"])
 
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
 class ChampionWatcher:
     "Holds the serving `Champion` and swaps it for the registry's when the alias moves or points at another model."
     def __init__(self, client, name:str, poll_seconds:float, alias:str="champion",
@@ -598,6 +601,7 @@ class ChampionWatcher:
     def load_initial(self) -> Champion:
         "Load the version the alias points at now; a `UserError` when there is none."
         version = champion_version(self.client, self.name, self.alias)
+        self.last_check = _now()
         if version is None:
             raise UserError(f"no '{self.alias}' version of model '{self.name}' in the registry: "
                             "run `make pipeline` first")
@@ -626,6 +630,7 @@ class ChampionWatcher:
     def check_once(self) -> bool:
         "Swap in the alias's model if it is not the one serving; True when a swap happened."
         version = champion_version(self.client, self.name, self.alias)
+        self.last_check = _now()  # the registry answered (loading a new version may still fail)
         if version is None:
             if not self.confirmed:  # a restart from the snapshot, and the alias is gone since
                 log.warning("the registry has no '%s' version of %s any more; serving version %s until it has one",
@@ -674,7 +679,7 @@ class ChampionWatcher:
             wait = self.poll_seconds
             try:
                 self.check_once()
-                self.last_check, self.last_error = datetime.now(timezone.utc).isoformat(timespec="seconds"), None
+                self.last_error = None
             except Exception as error:  # a registry hiccup or a broken version must not stop serving
                 self.last_error = f"{type(error).__name__}: {cut(str(error))}"
                 log.error("champion %s: keeping version %s: %s", self.name, self.current.version, error)
