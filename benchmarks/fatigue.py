@@ -22,7 +22,8 @@ monitor's time on one million rows.
   on): `monitor_1m_rows_s`. Beside it: the feature tests alone, the whole monitor scoring the batch itself, and
   scoring 1M rows alone.
 
-Run from the repository root: `python benchmarks/fatigue.py` (add `--quick` for a smoke run).
+Run from the repository root: `python benchmarks/fatigue.py` (add `--quick` for a smoke run;
+`--monitor-speed-only` measures the 1M-row monitor again into the recorded results, for a quieter machine).
 Everything runs in memory; it writes `benchmarks/results/fatigue.json` and the first seed's replay record (the same
 files as `make replay`: timeline.png, timeline.csv, decisions/) to `docs/fatigue/`.
 """
@@ -202,6 +203,20 @@ def monitor_speed(rows: int, repeats: int) -> dict:
             "monitor_1m_rows_verdict": verdict["verdict"]}
 
 
+def remeasure_monitor_speed(repeats: int):
+    "The monitor's 1M-row figures measured again and written into the recorded results, with this run's command."
+    path = REPO / "benchmarks/results/fatigue.json"
+    record = json.loads(path.read_text())
+    load_at_start = round(os.getloadavg()[0], 2)
+    figures = monitor_speed(1_000_000, repeats)
+    record["figures"].update(figures)
+    record["monitor_speed"] = {"date": date.today().isoformat(), "command": "python " + " ".join(["benchmarks/fatigue.py", *sys.argv[1:]]),
+                               "load_average_1m_at_start": load_at_start,
+                               "load_average_1m_at_end": round(os.getloadavg()[0], 2)}
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    print(json.dumps(figures, indent=2))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=20, help="seeds of undrifted months (false alarms, A/E power)")
@@ -211,7 +226,12 @@ def main():
     parser.add_argument("--replay-seeds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run (results not written)")
+    parser.add_argument("--monitor-speed-only", action="store_true",
+                        help="measure only the monitor on 1M rows again, into the recorded results (e.g. on a quieter "
+                             "machine); the record keeps the command and load of each part")
     arguments = parser.parse_args()
+    if arguments.monitor_speed_only:
+        return remeasure_monitor_speed(arguments.repeats)
     if arguments.quick:
         arguments.seeds, arguments.months_per_seed, arguments.replay_seeds, arguments.repeats = 2, 1, 1, 1
     load_at_start = round(os.getloadavg()[0], 2)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import copy_project, dvc
 from mlflow import MlflowClient
 
 from mlops_notebooks.core.tracking import read_decision
@@ -16,11 +17,15 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tracked(repro_project):
-    uri = f"sqlite:///{repro_project}/mlflow.db"  # both named: an earlier test may have set the process-wide registry URI
+def tracked(tmp_path_factory):
+    # A project of its own: copies of the shared `repro_project` keep its MLflow experiment, whose artifact location
+    # is the original's mlartifacts/, so their register and evaluate runs add artifacts to the original's runs.
+    project = copy_project(tmp_path_factory.mktemp("tracked"))
+    dvc(project, "repro")
+    uri = f"sqlite:///{project}/mlflow.db"  # both named: an earlier test may have set the process-wide registry URI
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    trained = json.loads((repro_project / "models/train_run.json").read_text())
-    return repro_project, client, client.get_run(trained["run_id"])
+    trained = json.loads((project / "models/train_run.json").read_text())
+    return project, client, client.get_run(trained["run_id"])
 
 
 def _locked_md5(project, path):

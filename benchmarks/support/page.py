@@ -53,6 +53,9 @@ def section(record: dict) -> str:
     lines = [f"## {record['benchmark']}", "",
              f"`{record.get('command', '')}` on {record.get('date', '?')} "
              f"({machine.get('cpus', '?')} CPUs, Python {machine.get('python', '?')})", ""]
+    if "monitor_speed" in record:  # one part measured again on its own (fatigue.py --monitor-speed-only)
+        again = record["monitor_speed"]
+        lines[-1:] = [f"The `monitor_1m_rows_*` figures: `{again['command']}` on {again['date']}.", ""]
     if goals:
         lines += ["| goal | target | recorded | met |", "|---|---|---|---|"]
         for name, goal in goals.items():
