@@ -238,8 +238,8 @@ def main():
                 figures[f"xgb_process_peak_rss_gb_{label}"] = median(runs["train-xgb-process"], "peak_rss_gb")
                 figures[f"xgb_dask_client_peak_rss_gb_{label}"] = median(runs["train-xgb-dask"], "peak_rss_gb")
                 figures[f"xgb_dask_worker_peak_rss_gb_{label}"] = median(runs["train-xgb-dask"], "worker_peak_rss_gb", max)
-                in_process, on_cluster = (median(runs["train-xgb-process"], "mean_deviance"),
-                                          median(runs["train-xgb-dask"], "mean_deviance"))
+                in_process, on_cluster = (statistics.median(run["mean_deviance"] for run in runs["train-xgb-process"]),
+                                          statistics.median(run["mean_deviance"] for run in runs["train-xgb-dask"]))
                 figures["xgb_process_mean_deviance"], figures["xgb_dask_mean_deviance"] = round(in_process, 5), round(on_cluster, 5)
                 figures["deviance_rel_diff"] = round(abs(on_cluster - in_process) / in_process, 5)
 
