@@ -147,3 +147,16 @@ def test_the_readme_is_a_front_door():
     assert len(readme.encode()) <= 8 * 1024, len(readme.encode())
     for noise in ("slow hour", "fast hour", "median of", "earlier records"):
         assert noise not in readme, noise
+
+
+@pytest.mark.parametrize("script", sorted(path.name for path in (REPO / "benchmarks").glob("*.py")))
+def test_each_benchmark_script_imports(script):
+    "A benchmark is run by hand, so a broken import would show only then: each script's module loads (without running)."
+    import importlib.util
+    import sys
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location(f"benchmark_{Path(script).stem}", REPO / "benchmarks" / script)
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))

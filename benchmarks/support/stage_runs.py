@@ -18,6 +18,7 @@ BIN = Path(sys.executable).parent
 
 sys.path.insert(0, str(REPO / "tests"))
 from conftest import copy_project as copy_test_project  # noqa: E402  (one project copier for tests and benchmarks)
+from conftest import merge  # noqa: E402, F401  (notebook_tax merges params with it)
 
 # Runs one command and prints the peak RSS (KiB) over its process tree: getrusage(RUSAGE_CHILDREN) reports the
 # largest descendant that was waited for (papermill waits for its kernel, so the kernel is counted).
