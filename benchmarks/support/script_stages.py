@@ -21,14 +21,20 @@ atexit.register(gc.freeze)
 
 
 def ingest(data, ingest):
+    from mlops_notebooks.core.artifacts import file_md5, write_json
     from mlops_notebooks.core.stage import start_stage
     from mlops_notebooks.stages.ingest import ingest_claims, write_claims
     stage = start_stage("ingest", data=data, ingest=ingest)
     declared, params = stage.params.data, stage.params.ingest
     source = declared.source or "the generator"
-    claims = ingest_claims(declared, params, stage.root, incoming=stage.inputs.incoming)
+    set_aside = []  # the incoming files that cannot be read
+    claims = ingest_claims(declared, params, stage.root, incoming=stage.inputs.incoming, set_aside=set_aside)
     write_claims(claims, stage.outputs.claims, source)
     print(f"{len(claims):,} rows, {claims.shape[1]} columns from {source} -> {stage.relative(stage.outputs.claims)}")
+    for entry in set_aside:
+        print(f"warning: {stage.relative(entry['file'])}: set aside, not read: {entry['reason']}", file=sys.stderr)
+    write_json({"set_aside": [{"file": stage.relative(entry["file"]), "md5": file_md5(entry["file"]),
+                               "reason": entry["reason"]} for entry in set_aside]}, stage.outputs.set_aside)
 
 
 def validate(data, validate):
@@ -284,6 +290,8 @@ STAGES = {function.__name__: function for function in (ingest, validate, feature
 
 if __name__ == "__main__":
     name = sys.argv[1]
+    from mlops_notebooks.core.stage import PIPELINE_RUN
+    os.environ[PIPELINE_RUN] = f"benchmarks/support/script_stages.py {name}"  # as the stage engine marks a pipeline run
     params = yaml.safe_load(open("params.yaml"))
     function = STAGES[name]
     # What `papermill -f params.yaml` injects into the notebook: the sections its parameters cell names.
