@@ -65,34 +65,37 @@ def features(data, features):
     print(f"train: {len(train):,} rows; test: {len(test):,} rows ({params.split} split)")
 
 
-def train(data, train):
-    import numpy as np
-
+def train(data, features, train):
     from mlops_notebooks.core.artifacts import atomic_directory, flatten, lineage_tags, read_parquet, write_json
     from mlops_notebooks.core.settings import configure_mlflow
     from mlops_notebooks.core.stage import start_stage
-    from mlops_notebooks.stages.train import feature_frame, fit_model, log_training_run, sample_weight
-    stage = start_stage("train", data=data, train=train)
+    from mlops_notebooks.stages.features import training_record
+    from mlops_notebooks.stages.train import fit_model, log_training_run, summarize_training
+    stage = start_stage("train", data=data, features=features, train=train)
     declared, params = stage.params.data, stage.params.train
-    training = read_parquet(stage.inputs.train, made_by="features")
     started = time.perf_counter()
-    model = fit_model(training, declared, params)
+    rows = read_parquet(stage.inputs.train, made_by="features")
+    model = fit_model(rows, declared, params)
     fit_seconds = time.perf_counter() - started
-    inputs = feature_frame(training, declared)
-    metrics = {"train_rows": float(len(training)), "fit_seconds": fit_seconds,
-               "train_mean_target": float(np.average(training[declared.model_target],
-                                                     weights=sample_weight(training, declared)))}
-    stage_params = {"data": declared.model_dump(), "train": params.model_dump()}
+    training = summarize_training(rows, declared)
+    metrics = {"train_rows": float(training.rows), "fit_seconds": fit_seconds, "train_mean_target": training.mean_target,
+               "balance_factor": float(getattr(model[-1], "balance_factor_", 1.0))}
+    stage_params = {"data": declared.model_dump(), "features": stage.params.features.model_dump(),
+                    "train": params.model_dump()}
     tags = lineage_tags(stage.root, inputs=[stage.relative(stage.inputs.train)], params=stage_params,
                         reports=[stage.contract.report])
-    tags["training_window"] = (f"{training[declared.period].min():%Y-%m}..{training[declared.period].max():%Y-%m}"
-                               if declared.period else f"{len(training)} rows, random split (no period)")
+    tags["training_window"] = (f"{training.first_period}..{training.last_period}" if declared.period
+                               else f"{training.rows} rows, random split (no period)")
+    tags.update({f"lineage.derived.{column}": how.describe() for column, how in declared.derived.items()})
+    training_rows = training_record(training, declared, stage.params.features)
+    tags["lineage.training_rows"] = json.dumps(training_rows)
     configure_mlflow(stage.settings, stage.root)
     with atomic_directory(stage.outputs.model) as model_dir:
-        run = log_training_run(model, inputs, metrics, flatten(stage_params), tags, model_dir=model_dir)
-    write_json({**run, "training_window": tags["training_window"], "train_rows": len(training),
-                "report": stage.contract.report}, stage.outputs.run)
-    print(f"fitted in {fit_seconds:.1f}s on {len(training):,} rows; MLflow run {run['run_id']}")
+        run = log_training_run(model, training.inputs, metrics, flatten(stage_params), tags, model_dir=model_dir)
+    write_json({**run, "training_window": tags["training_window"], "train_rows": training.rows,
+                "report": stage.contract.report, "train_mean_target": metrics["train_mean_target"],
+                "balance_factor": metrics["balance_factor"], "training_rows": training_rows}, stage.outputs.run)
+    print(f"fitted in {fit_seconds:.1f}s on {training.rows:,} rows; MLflow run {run['run_id']}")
 
 
 def evaluate(data, evaluate):
