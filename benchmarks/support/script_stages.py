@@ -106,14 +106,16 @@ def evaluate(data, evaluate):
     import numpy as np
 
     from mlops_notebooks.core.artifacts import atomic_path, file_md5, read_parquet, write_json
+    from mlops_notebooks.core.registry import read_train_run
     from mlops_notebooks.core.settings import configure_mlflow
     from mlops_notebooks.core.stage import start_stage
+    from mlops_notebooks.core.tracking import track_stage
     from mlops_notebooks.stages.evaluate import cost_metrics, error_by_group, feature_importance, lorenz_curve
     from mlops_notebooks.stages.train import feature_frame, sample_weight
     stage = start_stage("evaluate", data=data, evaluate=evaluate)
     declared, params = stage.params.data, stage.params.evaluate
     test = read_parquet(stage.inputs.test, made_by="features")
-    run = json.loads(stage.inputs.run.read_text())
+    run = read_train_run(stage.inputs.run, stage.settings)
     model = mlflow.sklearn.load_model(str(stage.inputs.model))
     inputs = feature_frame(test, declared)
     predicted = model.predict(inputs)
@@ -121,7 +123,7 @@ def evaluate(data, evaluate):
     weight = sample_weight(test, declared)
     every_metric = cost_metrics(actual, predicted, declared.deviance_power, weight)
     metrics = {**{name: every_metric[name] for name in params.metrics}, "mean_actual": every_metric["mean_actual"],
-               "mean_predicted": every_metric["mean_predicted"], "rows": len(test)}
+               "mean_predicted": every_metric["mean_predicted"], "ae": every_metric["ae"], "rows": len(test)}
     by_group = error_by_group(test, declared, predicted)
     importance = feature_importance(model, inputs, test[declared.model_target], declared.deviance_power, params, weight)
 
@@ -168,40 +170,52 @@ def evaluate(data, evaluate):
                          "lineage.params.evaluate": json.dumps(params.model_dump())})
         for entry in stage.contract.plots:
             mlflow.log_artifact(str(stage.root / entry.path), artifact_path="plots")
+    track_stage(mlflow.MlflowClient(), run["run_id"], test, stage.relative(stage.inputs.test),
+                file_md5(stage.inputs.test), "evaluation")
     print(f"test metrics added to MLflow run {run['run_id']}")
 
 
 def register(data, register):
     import mlflow
-    from filelock import FileLock
     from mlflow import MlflowClient
 
-    from mlops_notebooks.core.artifacts import file_md5, read_parquet, write_json
+    from mlops_notebooks.core.artifacts import DVC_EXPERIMENT, file_md5, git_state, read_parquet, write_json
     from mlops_notebooks.core.contracts import find_contract
     from mlops_notebooks.core.registry import (
         CHALLENGER,
         CHAMPION,
+        gate_lock,
         load_version_model,
-        lock_path_for,
-        record_tags,
+        read_train_run,
         register_version,
         version_by_alias,
     )
     from mlops_notebooks.core.settings import DataError, configure_mlflow
     from mlops_notebooks.core.stage import start_stage
+    from mlops_notebooks.core.tracking import publish_decision
     from mlops_notebooks.stages.evaluate import cost_metrics, deviance_power
-    from mlops_notebooks.stages.register import decide, sanity_checks
+    from mlops_notebooks.stages.features import trained_rows
+    from mlops_notebooks.stages.register import (
+        apply_provenance,
+        comparison_summary,
+        decide,
+        provenance,
+        recorded_training_rows,
+        sanity_checks,
+    )
+    from mlops_notebooks.stages.schema import period_span
     from mlops_notebooks.stages.train import feature_frame, sample_weight
     stage = start_stage("register", data=data, register=register)
     declared, rule = stage.params.data, stage.params.register
     deviance = declared.deviance_power if rule.deviance == "objective" else rule.deviance
     evaluation = read_parquet(stage.inputs.test, made_by="features")
-    trained = json.loads(stage.inputs.run.read_text())
+    trained = read_train_run(stage.inputs.run, stage.settings)
     evaluated = json.loads(stage.inputs.metrics.read_text())
     inputs, actual = feature_frame(evaluation, declared), evaluation[declared.model_target].to_numpy(dtype=float)
     weight = sample_weight(evaluation, declared)
     challenger_predictions = mlflow.sklearn.load_model(str(stage.inputs.model)).predict(inputs)
-    challenger_sanity = sanity_checks(actual, challenger_predictions, rule, deviance, weight)
+    challenger_sanity = sanity_checks(actual, challenger_predictions, rule, deviance, trained["train_mean_target"],
+                                      weight)
     usable = all(check["passed"] for check in challenger_sanity[:2])
     challenger_metrics = cost_metrics(actual, challenger_predictions, deviance, weight) if usable else {}
 
@@ -212,14 +226,13 @@ def register(data, register):
     lineage.update({
         "lineage.run_id": trained["run_id"], "lineage.training_window": trained["training_window"],
         "lineage.train_rows": str(trained["train_rows"]), "lineage.evaluation_rows": str(len(evaluation)),
-        "lineage.evaluation_window": (f"{evaluation[declared.period].min():%Y-%m}.."
-                                      f"{evaluation[declared.period].max():%Y-%m}"
-                                      if declared.period else "random split (no period)"),
+        "lineage.evaluation_window": (period_span(evaluation[declared.period]) if declared.period
+                                      else "random split (no period)"),
         f"lineage.data.{stage.relative(stage.inputs.test)}": file_md5(stage.inputs.test),
         "lineage.reports": ",".join([trained["report"], find_contract(stage.root, "evaluate").report,
                                      stage.contract.report]),
     })
-    with FileLock(lock_path_for(stage.settings.tracking_uri, stage.root), timeout=600):
+    with gate_lock(stage.settings, stage.root):
         champion_version = version_by_alias(client, name, CHAMPION)
         champion = None
         if champion_version is not None and champion_version.run_id != trained["run_id"]:
@@ -227,8 +240,18 @@ def register(data, register):
             expected = list(getattr(champion_model, "feature_names_in_", inputs.columns))
             if expected != list(inputs.columns):
                 raise DataError(f"champion {name} version {champion_version.version} takes other inputs")
-            champion = {"version": int(champion_version.version), "run_id": champion_version.run_id,
-                        "metrics": cost_metrics(actual, champion_model.predict(inputs), deviance, weight)}
+            learned = trained_rows(evaluation, declared, recorded_training_rows(champion_version.tags))
+            comparison = comparison_summary(learned)
+            champion = {"version": int(champion_version.version), "run_id": champion_version.run_id, "metrics": {},
+                        "comparison": comparison}
+            if comparison["rows"]:
+                keep = ~learned
+                kept_weight = None if weight is None else weight[keep]
+                champion["metrics"] = cost_metrics(actual[keep], champion_model.predict(inputs[keep]), deviance,
+                                                   kept_weight)
+                if usable:
+                    challenger_metrics = cost_metrics(actual[keep], challenger_predictions[keep], deviance,
+                                                      kept_weight)
         version, created = register_version(client, name, trained["model_uri"], trained["run_id"], lineage)
         challenger = {"version": int(version.version), "run_id": trained["run_id"], "metrics": challenger_metrics,
                       "sanity": challenger_sanity}
@@ -239,9 +262,11 @@ def register(data, register):
             decision = decide(challenger, champion, rule)
         decision["rule"]["deviance_power"] = deviance_power(deviance)
         decision.update({"model_name": name, "created_version": created, "evaluate_stage": {"metrics": evaluated}})
+        kind = provenance([lineage.get("lineage.git_dirty", "unknown"), git_state(stage.root)["git_dirty"]],
+                          lineage.get("lineage.dvc_experiment") or os.environ.get(DVC_EXPERIMENT, ""))
+        decision = apply_provenance(decision, kind, rule, scratch=stage.interactive)
         client.set_registered_model_alias(name, CHALLENGER, version.version)
-        for key, value in record_tags(decision).items():
-            client.set_model_version_tag(name, version.version, key, value)
+        publish_decision(client, name, version, decision)
         if decision["outcome"] == "promoted":
             client.set_registered_model_alias(name, CHAMPION, version.version)
     write_json(decision, stage.outputs.decision)
@@ -253,36 +278,56 @@ def monitor(data, features, monitor):
 
     from mlops_notebooks.core.artifacts import read_parquet, write_json
     from mlops_notebooks.core.registry import CHAMPION, load_version_model, version_by_alias
-    from mlops_notebooks.core.settings import configure_mlflow
+    from mlops_notebooks.core.settings import UserError, open_existing_store
     from mlops_notebooks.core.stage import start_stage
     from mlops_notebooks.stages.features import FeaturesParams  # noqa: F401  (parses the features section)
-    from mlops_notebooks.stages.monitor import batch_months, learnable, monitor_batch, read_incoming, should_retrain
+    from mlops_notebooks.stages.monitor import (
+        batch_months,
+        learnable,
+        monitor_batch,
+        prepare_batch,
+        read_incoming,
+        should_retrain,
+    )
+    from mlops_notebooks.stages.schema import period_unit_of
     stage = start_stage("monitor", data=data, features=features, monitor=monitor)
     declared, params, split = stage.params.data, stage.params.monitor, stage.params.features
     assert params.source == "incoming", "the benchmark runs the default monitor source"
     reference = read_parquet(stage.inputs.train, made_by="features")
     evaluation = read_parquet(stage.inputs.test, made_by="features")
     batch, sources, read_problems = read_incoming(stage.inputs.incoming)
-    configure_mlflow(stage.settings, stage.root)
+    batch, derive_problems = prepare_batch(batch, declared, ", ".join(sources) or "the batch")
+    read_problems += derive_problems
+    open_existing_store(stage.settings)
     version = version_by_alias(MlflowClient(), stage.settings.registered_model_name, CHAMPION)
     champion_model = load_version_model(stage.settings.registered_model_name, version) if version else None
     if not sources and not read_problems:
         verdict = {"verdict": "no_data", "rows": 0, "drifted_features": [], "evidence": {}, "decay": None,
                    "problems": [f"no batch files (.csv, .parquet) in {stage.relative(stage.inputs.incoming)}"]}
     else:
-        verdict = monitor_batch(reference, batch, declared, params, champion_model, evaluation, None) if len(batch) \
-            else {"verdict": "invalid", "problems": [], "rows": 0, "drifted_features": [], "evidence": {}, "decay": None}
+        try:
+            verdict = monitor_batch(reference, batch, declared, params, champion_model, evaluation, None) \
+                if len(batch) else {"verdict": "invalid", "problems": [], "rows": 0, "drifted_features": [],
+                                    "evidence": {}, "decay": None}
+        except (UserError, ValueError) as error:
+            verdict = {"verdict": "invalid", "problems": [f"the batch cannot be judged: {type(error).__name__}: "
+                                                          f"{str(error).splitlines()[0]}"],
+                       "rows": len(batch), "drifted_features": [], "evidence": {}, "decay": None}
         verdict["problems"] = read_problems + verdict["problems"]
         if read_problems:
             verdict["verdict"] = "invalid"
     retrain = should_retrain(verdict["verdict"], params.retrain)
-    flagged = batch_months(batch, declared.period) if len(batch) else []
+    unit = period_unit_of(reference[declared.period]) if declared.period else "auto"
+    flagged = batch_months(batch, declared.period, unit) if len(batch) else []
     if split.split == "time" and flagged and verdict.get("labelled") and retrain and params.retrain == "on_drift":
-        pool_months = batch_months(reference, declared.period) + batch_months(evaluation, declared.period) + flagged
+        pool_months = (batch_months(reference, declared.period, unit) + batch_months(evaluation, declared.period, unit)
+                       + flagged)
         verdict["learnable_months"] = learnable(flagged, pool_months, split.test_months)
         if not verdict["learnable_months"]:
             retrain = False
-            verdict["retrain_deferred"] = f"the flagged month(s) {', '.join(flagged)} would be the gate's test months"
+            verdict["retrain_deferred"] = (
+                f"the flagged period(s) {', '.join(flagged)} would be the gate's test periods (features.test_months="
+                f"{split.test_months}), not training data: re-train once a newer period has arrived")
     verdict.update({"sources": sources, "champion_version": int(version.version) if version else None,
                     "retrain_policy": params.retrain, "retrain": retrain})
     write_json(verdict, stage.outputs.verdict)
