@@ -4,8 +4,8 @@ Python scripts, and what DVC's bookkeeping around them costs.
 Everything runs in throw-away copies of the project (a fresh git repo each, the repo's params.yaml, no dvc.lock):
 
 1. cold `dvc repro` of the notebook stages, and of the same pipeline with every stage's command replaced by
-   `python benchmarks/support/script_stages.py <stage>`: the same `start_stage` and exported
-   `mlops_notebooks.stages.*` functions, the same outputs, no papermill and no executed report. The two run back to
+   `python scripts/<stage>.py`, written by `support/script_stages.py` from the cells the stage engine runs: the same
+   code and outputs, no papermill, no IPython and no executed report. The two run back to
    back in each repeat, taking turns to go first; `ratio` is the median of the repeats' ratios. Both must write the
    same data (the md5s in their dvc.lock);
 2. no-op `dvc repro` (nothing changed), each right after a no-op of a one-stage DVC project: DVC's own floor at
@@ -36,10 +36,10 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from support.script_stages import write_stage_script  # noqa: E402
 from support.stage_runs import BIN, REPO, copy_test_project, merge, project_env, run  # noqa: E402
 
 RESULT = REPO / "benchmarks" / "results" / "notebook_tax.json"
-SCRIPT = "benchmarks/support/script_stages.py"
 GOALS = {
     "ratio": {"max": 1.25},
     "added_per_stage_s": {"max": 0.7},
@@ -62,18 +62,22 @@ def load_1m() -> float:
 
 
 def as_scripts(project: Path):
-    "Every stage's command becomes its script in `script_stages.py`; the executed report is no longer an output."
+    "Every stage's command becomes its generated script (`script_stages.py`); the executed report is no longer an output."
     dvc_file = project / "dvc.yaml"
     pipeline = yaml.safe_load(dvc_file.read_text())
     for name, stage in pipeline["stages"].items():
-        report = next(token for token in stage["cmd"].split() if token.startswith("reports/"))
-        stage["cmd"] = f"python {SCRIPT} {name}"
-        stage["deps"].append(SCRIPT)  # the notebook stays a dep: `start_stage` reads its contract
+        tokens = stage["cmd"].split()
+        notebook = next(token for token in tokens if token.endswith(".ipynb") and not token.startswith("reports/"))
+        report = next(token for token in tokens if token.startswith("reports/"))
+        script = write_stage_script(project, notebook, name)
+        stage["cmd"] = f"python {script}"
+        stage["deps"].append(script)  # the notebook stays a dep: `start_stage` reads its contract
         stage["outs"] = [out for out in stage.get("outs", []) if out != report]
         if not stage["outs"]:
             del stage["outs"]
     dvc_file.write_text(yaml.safe_dump(pipeline, sort_keys=False))
-    run(["git", "commit", "-qam", "stages as scripts"], project, project_env())
+    run(["git", "add", "-A"], project, project_env())
+    run(["git", "commit", "-qm", "stages as scripts"], project, project_env())
 
 
 def fresh_copy(snapshot: Path, destination: Path, variant: str, params: dict | None = None) -> Path:

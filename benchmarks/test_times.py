@@ -1,5 +1,5 @@
 """How long the test tiers take: `make test` (the fast tier, for every commit; goal: at most 5 minutes) and, with
-`--all`, `make test-all` (everything; what CI runs within its 90 minutes).
+`--all`, `make test-all` (everything, what CI runs; goal: at most 30 minutes, well inside CI's 90).
 
 Each runs on a fresh clone of this repository's HEAD (under the repository's parent folder, so that `../shared`
 resolves as in CI), with the environment built once beforehand from the lock file and not counted: the tiers are
@@ -44,7 +44,7 @@ def main() -> int:
         goals = {"make_test_s": {"max": 300}}
         if arguments.all:
             figures["make_test_all_s"] = round(make("test-all", clone), 1)
-            goals["make_test_all_s"] = {"max": 5400}
+            goals["make_test_all_s"] = {"max": 1800}
     finally:
         shutil.rmtree(clone, ignore_errors=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
