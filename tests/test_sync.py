@@ -160,3 +160,42 @@ def test_each_benchmark_script_imports(script):
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
+
+
+def _script_stages():
+    import importlib.util
+    import sys
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("script_stages", REPO / "benchmarks/support/script_stages.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+@pytest.mark.parametrize("notebook", sorted(path.name for path in (REPO / "nbs/stages").glob("0*.ipynb")))
+def test_notebook_tax_scripts_run_the_cells_the_stage_runs(notebook, tmp_path):
+    "notebook_tax's script form holds every pipeline cell of the stage, no example and no parameters cell, and compiles."
+    script_stages = _script_stages()
+    (tmp_path / "nbs/stages").mkdir(parents=True)
+    shutil.copy(REPO / "nbs/stages" / notebook, tmp_path / "nbs/stages" / notebook)
+    script = script_stages.write_stage_script(tmp_path, f"nbs/stages/{notebook}", "stage")
+    tree = ast.parse((tmp_path / script).read_text())  # compiles; not run: it would mark this process a pipeline run
+    listed = next(node.value for node in tree.body if isinstance(node, ast.Assign)
+                  and getattr(node.targets[0], "id", None) == "CELLS")
+    sources = [source for _, source in ast.literal_eval(listed)]
+    cells = nbformat.read(REPO / "nbs/stages" / notebook, as_version=4).cells
+    pipeline = [cell.source for cell in cells if cell.cell_type == "code" and cell.source.startswith("#| pipeline")]
+    assert pipeline and all(source in sources for source in pipeline)
+    assert not any("parameters" in cell.metadata.get("tags", []) and cell.source in sources for cell in cells)
+    assert not any(source.startswith("#| hide") for source in sources), "an example cell would be timed"
+
+
+def test_notebook_tax_scripts_refuse_ipython_syntax(tmp_path):
+    script_stages = _script_stages()
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("#| pipeline\n%time x = 1")])
+    (tmp_path / "stage.ipynb").write_text(nbformat.writes(notebook))
+    with pytest.raises(SystemExit, match=r"stage.ipynb cell 0: IPython syntax"):
+        script_stages.write_stage_script(tmp_path, "stage.ipynb", "stage")
