@@ -194,8 +194,8 @@ def check_claims(raw:pd.DataFrame,        # the ingested table
     try:
         clean, reasons = schema.validate(frame, lazy=True), pd.Series(dtype=str)
     except pa.errors.SchemaErrors as errors:
-        # Outside this block: the error holds pandera's copy of the whole table, which the second pass must not
-        # keep alive (0.6 GB of peak memory at 5M claims).
+        # The second pass runs outside this block: the error holds pandera's copy of the whole table, which would
+        # otherwise stay in memory beside the table being checked again.
         failures = errors.failure_cases
     if failures is not None:
         clean, reasons = _schema_failures(frame, failures, schema, data, params, source, len(raw))
